@@ -1,0 +1,211 @@
+"""Run configuration: nested pydantic sections, strict keys, recipe chosen by its ``name``.
+
+A recipe YAML is the whole truth about a run; ``key.sub=value`` overrides on the command line
+edit it before validation, so a typo anywhere fails at start with the field's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from distillkit.errors import ConfigError
+from distillkit.registry import recipe_config_union
+from distillkit.schema import Strict
+
+Family = Literal["sd15", "sdxl", "sana"]
+Precision = Literal["no", "fp16", "bf16"]
+
+
+class TeacherConfig(Strict):
+    """Which diffusers pipeline to distil. ``card`` fills the rest from teachers/*.yaml."""
+
+    card: str | None = None
+    model_id: str | None = Field(None, description="Hub id or local pipeline directory")
+    revision: str | None = Field(None, description="Pinned commit / tag on the Hub")
+    family: Family | None = None
+    resolution: int | None = Field(None, ge=8, le=4096)
+    default_guidance: float | None = Field(None, ge=0)
+    license: str | None = None
+    variant: str | None = Field(None, description="e.g. fp16 weights variant on the Hub")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    use_safetensors: bool = Field(True, description="False allows pickle weights (unsafe)")
+    trust_remote_code: bool = False
+
+    def require(self) -> None:
+        for name in ("model_id", "family", "resolution"):
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"teacher.{name} is not set: give it in the YAML or through teacher.card"
+                )
+
+
+class LoraConfigSection(Strict):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1
+    )
+
+
+class StudentConfig(Strict):
+    """The one-step generator, initialised from the teacher's denoiser."""
+
+    type: Literal["lora", "full"] = "full"
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+
+
+class DataConfig(Strict):
+    prompts: str | None = Field(None, description=".txt / .jsonl / .csv file, or 'digits'")
+    prompt_column: str = "text"
+    images: str | None = Field(None, description="folder of real images (GAN terms), or 'digits'")
+    shuffle: bool = True
+
+
+class EmaConfig(Strict):
+    decay: float = Field(0.0, ge=0, lt=1, description="0 disables the generator EMA")
+    use_for_export: bool = True
+
+
+class TrainConfig(Strict):
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1, description="per device, before accumulation")
+    grad_accumulation: int = Field(1, ge=1)
+    seed: int = 0
+    mixed_precision: Precision = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    max_grad_norm: float = Field(10.0, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    checkpoint_every: int = Field(500, ge=1)
+    checkpoints_keep: int = Field(2, ge=1)
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    verify: bool = True
+    tolerance: float = Field(1e-4, gt=0)
+    lora_file: bool = True
+
+
+class LoggingConfig(Strict):
+    every: int = Field(10, ge=1)
+    backends: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"]
+    )
+    progress_bar: bool = True
+
+
+RecipeSection = Annotated[recipe_config_union(), Field(discriminator="name")]
+
+
+class RunConfig(Strict):
+    output_dir: str = "runs/default"
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    recipe: RecipeSection
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RunConfig:
+        allowed = getattr(self.recipe, "students", ("lora", "full"))
+        if self.student.type not in allowed:
+            raise ValueError(
+                f"student.type={self.student.type!r} is not supported by recipe "
+                f"{self.recipe.name!r}; use one of {list(allowed)}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _merge_card(data: dict, base_dir: Path) -> None:
+    """Fill teacher fields from its card; fields given in the run config win."""
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict) or not teacher.get("card"):
+        return
+    card_path = Path(teacher["card"])
+    if not card_path.is_absolute():
+        card_path = (base_dir / card_path).resolve()
+    card = read_yaml(card_path)
+    teacher["card"] = str(card_path)
+    for key, value in card.items():
+        teacher.setdefault(key, value)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; `distillkit validate` lists the sections)"
+        elif item["type"] == "union_tag_invalid":
+            msg = f"{msg} (see `distillkit ls` for recipe names)"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe YAML, apply overrides, resolve the teacher card, validate strictly."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    _merge_card(data, path.parent)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None

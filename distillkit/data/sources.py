@@ -1,0 +1,166 @@
+"""Training data: prompts (always) and real image-caption pairs (for GAN terms), in memory.
+
+Batches are a pure function of (seed, step, micro-batch, rank), so a resumed run sees exactly
+the samples the uninterrupted run would have seen, and ranks never share a sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from distillkit.config import DataConfig
+from distillkit.errors import ConfigError
+
+SMOKE_PROMPTS = [
+    "a photo of a red fox in the snow",
+    "an astronaut riding a horse, oil painting",
+    "a bowl of ramen, studio lighting",
+    "a lighthouse at dusk, watercolor",
+]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class TrainData:
+    prompts: list[str]
+    images: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1]
+    captions: list[str] | None = None
+
+    def _order(self, n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        if not shuffle:
+            return np.arange(n)
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def _take(self, n: int, start: int, size: int, seed: int, shuffle: bool) -> list[int]:
+        out = []
+        for position in range(start, start + size):
+            epoch, offset = divmod(position, n)
+            out.append(int(self._order(n, seed, epoch, shuffle)[offset]))
+        return out
+
+    def batch(self, slot: int, size: int, seed: int, shuffle: bool = True):
+        """Samples for global slot ``slot`` (= step * accum * world + micro * world + rank)."""
+        start = slot * size
+        prompts = [
+            self.prompts[i] for i in self._take(len(self.prompts), start, size, seed, shuffle)
+        ]
+        if self.images is None:
+            return prompts, None, None
+        idx = self._take(len(self.images), start, size, seed + 1, shuffle)
+        return prompts, self.images[idx], [self.captions[i] for i in idx]
+
+
+def read_prompts(path: Path, column: str) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"data.prompts: {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            prompts = [line.strip() for line in path.read_text().splitlines()]
+        elif suffix == ".jsonl":
+            prompts = [
+                str(json.loads(line)[column])
+                for line in path.read_text().splitlines()
+                if line.strip()
+            ]
+        elif suffix == ".csv":
+            with open(path, newline="") as handle:
+                prompts = [str(row[column]) for row in csv.DictReader(handle)]
+        else:
+            raise ConfigError(f"data.prompts: {path} must be .txt, .jsonl or .csv")
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"data.prompts: {path} has no usable {column!r} column ({err}); set data.prompt_column"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"data.prompts: {path} is not UTF-8 text") from None
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ConfigError(f"data.prompts: {path} contains no prompts")
+    return prompts
+
+
+def _caption_for(path: Path, metadata: dict[str, str]) -> str:
+    if path.name in metadata:
+        return metadata[path.name]
+    side = path.with_suffix(".txt")
+    return side.read_text().strip() if side.is_file() else ""
+
+
+def read_image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """An imagefolder: images plus captions from metadata.jsonl (file_name, text) or .txt files."""
+    if not folder.is_dir():
+        raise ConfigError(f"data.images: {folder} is not a directory")
+    metadata: dict[str, str] = {}
+    meta_file = folder / "metadata.jsonl"
+    if meta_file.is_file():
+        for line in meta_file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                metadata[Path(row["file_name"]).name] = str(row.get("text", ""))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data.images: {folder} contains no images ({sorted(IMAGE_SUFFIXES)})")
+    images, captions = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, OSError):
+            raise ConfigError(f"data.images: {path} is not a readable image") from None
+        images.append(to_tensor(rgb, resolution))
+        captions.append(_caption_for(path, metadata))
+    return torch.stack(images), captions
+
+
+def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution``, centre-crop, scale to [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))))
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def digits_data(resolution: int, seed: int = 0) -> TrainData:
+    """The training split of sklearn's digits, with a prompt template per image."""
+    from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
+
+    split = load_digits_split(seed=seed)
+    images = split.train_images
+    if images.shape[-1] != resolution:
+        images = F.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
+    captions = [
+        prompt_for(int(label), i % len(PROMPT_TEMPLATES))
+        for i, label in enumerate(split.train_labels)
+    ]
+    return TrainData(prompts=captions, images=images, captions=captions)
+
+
+def load_train_data(cfg: DataConfig, resolution: int, smoke: bool, need_images: bool) -> TrainData:
+    if cfg.prompts == "digits" or cfg.images == "digits":
+        return digits_data(resolution)
+    missing = cfg.prompts is None or not Path(cfg.prompts).exists()
+    if smoke and missing:
+        data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
+        return data
+    if cfg.prompts is None:
+        raise ConfigError("data.prompts is not set: give a .txt / .jsonl / .csv prompt file")
+    prompts = read_prompts(Path(cfg.prompts), cfg.prompt_column)
+    if not need_images:
+        return TrainData(prompts)
+    if cfg.images is None:
+        raise ConfigError("data.images is required by this recipe (real images for its GAN term)")
+    images, captions = read_image_folder(Path(cfg.images), resolution)
+    return TrainData(prompts, images, [c or prompts[0] for c in captions])

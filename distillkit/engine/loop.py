@@ -1,0 +1,365 @@
+"""The one training loop. For each step, for each role the recipe names: loss, backward, step.
+
+Everything around the math lives here once: accelerate (devices, DDP/FSDP, mixed precision),
+gradient accumulation, clipping, EMA, checkpoints, resume, logging and the final export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from distillkit.config import RunConfig
+from distillkit.data.sources import load_train_data
+from distillkit.engine.logging import MetricsLogger, progress_bar
+from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
+from distillkit.errors import ConfigError
+from distillkit.export import ExportReport, export_student
+from distillkit.hub import CardInfo, write_model_card
+from distillkit.recipes.base import Batch, Recipe
+from distillkit.registry import get_recipe
+from distillkit.students import trainable_parameters
+from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.load import load_teacher
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    export: ExportReport | None
+    train_seconds: float
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """An independent random stream per (step, micro-batch, rank, role): exact resumes."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def check_runtime(cfg: RunConfig) -> None:
+    """GPU-only options fail here with the field name, before any weights are loaded."""
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA device; on CPU use 'no' or 'bf16'"
+        )
+    if cfg.train.attention == "xformers":
+        if not cuda:
+            raise ConfigError(
+                "train.attention=xformers needs a CUDA device; use train.attention=sdpa (or auto)"
+            )
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.attention=xformers but xformers is not installed: "
+                "pip install 'distillkit[gpu]', or use train.attention=sdpa"
+            ) from None
+
+
+def use_xformers(cfg: RunConfig) -> bool:
+    if cfg.train.attention == "sdpa" or not torch.cuda.is_available():
+        return False
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare_output_dir(path: Path, resume: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} is a file; choose a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror})") from None
+    if not resume and CheckpointDir(path / "checkpoints", 1).candidates():
+        raise ConfigError(
+            f"output_dir: {path} already holds checkpoints of a run; pass --resume to continue "
+            "it, or choose another output_dir"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> None:
+        check_runtime(cfg)
+        self.cfg, self.smoke, self.resume = cfg, smoke, resume
+        self.output_dir = Path(cfg.output_dir)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        if self.accelerator.is_main_process:
+            prepare_output_dir(self.output_dir, resume)
+        set_seed(cfg.train.seed)
+        self.teacher: TeacherAdapter = load_teacher(cfg.teacher, self.accelerator.device, smoke)
+        self.recipe: Recipe = get_recipe(cfg.recipe.name)(cfg, self.teacher)
+        self.data = load_train_data(
+            cfg.data, self.teacher.resolution, smoke, need_images=self.recipe.needs_images
+        )
+        if use_xformers(cfg):
+            self.teacher.denoiser.enable_xformers_memory_efficient_attention()
+            for module in self.recipe.roles.values():
+                for sub in module.modules():
+                    if hasattr(sub, "enable_xformers_memory_efficient_attention"):
+                        sub.enable_xformers_memory_efficient_attention()
+                        break
+        self._build_optimisation()
+        self.checkpoints = CheckpointDir(
+            self.output_dir / "checkpoints", cfg.train.checkpoints_keep
+        )
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build_optimisation(self) -> None:
+        cfg, acc = self.cfg.train, self.accelerator
+        names = list(self.recipe.roles)
+        self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
+        optimizers = [
+            torch.optim.AdamW(
+                self.params[n],
+                lr=self.recipe.learning_rate(n),
+                betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.weight_decay,
+            )
+            for n in names
+        ]
+        schedulers = [
+            get_scheduler(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.max_steps)
+            for opt in optimizers
+        ]
+        prepared = acc.prepare(*[self.recipe.roles[n] for n in names], *optimizers, *schedulers)
+        k = len(names)
+        for i, name in enumerate(names):
+            self.recipe.roles[name] = prepared[i]
+        self.optimizers = dict(zip(names, prepared[k : 2 * k]))
+        self.schedulers = dict(zip(names, prepared[2 * k :]))
+        self.ema = None
+        if cfg.ema.decay > 0:
+            self.ema = EMAModel(self.params[self.recipe.generator_role], decay=cfg.ema.decay)
+            acc.register_for_checkpointing(self.ema)
+
+        def save_hook(models, weights, out_dir):
+            if acc.is_main_process:
+                for name, model, state in zip(names, models, weights):
+                    save_trainable(model, Path(out_dir) / f"{name}.safetensors", state)
+            weights.clear()
+
+        def load_hook(models, in_dir):
+            for name, model in zip(names, models):
+                load_trainable(model, Path(in_dir) / f"{name}.safetensors")
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        tmp = self.checkpoints.staging(step) if acc.is_main_process else None
+        acc.wait_for_everyone()
+        tmp = self.checkpoints.root / f".tmp-step-{step:07d}"
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.checkpoints.commit(tmp, step, {"step": step, "recipe": self.cfg.recipe.name})
+        acc.wait_for_everyone()
+
+    def try_resume(self) -> None:
+        found = self.checkpoints.latest_good(warn=self.accelerator.print)
+        if found is None:
+            self.accelerator.print("--resume: no checkpoint found, starting from step 0")
+            return
+        path, meta = found
+        self.accelerator.load_state(str(path))
+        self.start_step = int(meta["step"])
+        self.accelerator.print(f"resumed from {path.name} (step {self.start_step})")
+
+    # ------------------------------------------------------------------ the loop
+    def micro_batches(self, step: int) -> list[tuple]:
+        cfg, acc = self.cfg.train, self.accelerator
+        out = []
+        for micro in range(cfg.grad_accumulation):
+            slot = (step * cfg.grad_accumulation + micro) * acc.num_processes + acc.process_index
+            out.append(self.data.batch(slot, cfg.batch_size, cfg.seed, self.cfg.data.shuffle))
+        return out
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        acc, cfg = self.accelerator, self.cfg.train
+        micro = self.micro_batches(step)
+        scratch: list[dict] = [{} for _ in micro]
+        logs: dict[str, torch.Tensor] = {}
+        roles = self.recipe.schedule(step)
+        for role_index, role in enumerate(roles):
+            for name, params in self.params.items():
+                for p in params:
+                    p.requires_grad_(name == role)
+            module, opt = self.recipe.roles[role], self.optimizers[role]
+            opt.zero_grad(set_to_none=True)
+            for m, (prompts, images, captions) in enumerate(micro):
+                gen = step_generator(cfg.seed, step, m, acc.process_index, role_index)
+                batch = Batch(prompts, images, captions, gen, scratch[m])
+                sync = m == len(micro) - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(module)
+                with ctx, acc.autocast():
+                    loss, parts = self.recipe.loss(role, batch, step)
+                    acc.backward(loss / len(micro))
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
+            grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
+            logs[f"{role}/grad_norm"] = grad_norm.detach()
+            opt.step()
+            self.schedulers[role].step()
+            if role == self.recipe.generator_role and self.ema is not None:
+                self.ema.step(self.params[role])
+        for params in self.params.values():
+            for p in params:
+                p.requires_grad_(True)
+        return logs
+
+    def train(self) -> RunResult:
+        cfg, acc = self.cfg, self.accelerator
+        if self.resume:
+            self.try_resume()
+        main = acc.is_main_process
+        logger = MetricsLogger(
+            self.output_dir, cfg.logging.backends, cfg.model_dump(mode="json"), enabled=main
+        )
+        if main:
+            self.write_run_config()
+            effective = cfg.train.batch_size * cfg.train.grad_accumulation * acc.num_processes
+            acc.print(
+                f"distillkit: {cfg.recipe.name} on {cfg.teacher.family} "
+                f"({'smoke: tiny teacher' if self.smoke else cfg.teacher.model_id}), "
+                f"effective batch {effective} on {acc.num_processes} process(es), {acc.device}"
+            )
+        started, window = time.perf_counter(), time.perf_counter()
+        pending: list[dict[str, torch.Tensor]] = []
+        bar = progress_bar(cfg.logging.progress_bar and main)
+        with bar:
+            task = bar.add_task(
+                cfg.recipe.name,
+                total=cfg.train.max_steps,
+                completed=self.start_step,
+                speed="",
+                losses="",
+            )
+            for step in range(self.start_step, cfg.train.max_steps):
+                pending.append(self.train_step(step))
+                done = step + 1
+                if done % cfg.logging.every == 0 or done == cfg.train.max_steps:
+                    values = self._reduce(pending)
+                    speed = len(pending) / max(time.perf_counter() - window, 1e-9)
+                    values["steps_per_s"] = speed
+                    values["lr/generator"] = self.schedulers[
+                        self.recipe.generator_role
+                    ].get_last_lr()[0]
+                    logger.log(done, values)
+                    shown = "  ".join(
+                        f"{k}={v:.4g}" for k, v in values.items() if k.endswith("/loss")
+                    )
+                    bar.update(task, completed=done, speed=f"{speed:.2f} it/s", losses=shown)
+                    pending, window = [], time.perf_counter()
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+                    self.save_checkpoint(done)
+        train_seconds = time.perf_counter() - started
+        logger.close()
+        report = self.export() if cfg.export.enabled and main else None
+        acc.wait_for_everyone()
+        return RunResult(self.output_dir, cfg.train.max_steps, report, train_seconds)
+
+    @staticmethod
+    def _reduce(pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Average the logged tensors of the window with a single host sync."""
+        keys = sorted({k for logs in pending for k in logs})
+        means = []
+        for key in keys:
+            values = [torch.as_tensor(logs[key]).float().cpu() for logs in pending if key in logs]
+            means.append(torch.stack(values).mean())
+        return dict(zip(keys, torch.stack(means).tolist())) if keys else {}
+
+    # ------------------------------------------------------------------ export
+    def write_run_config(self) -> None:
+        data = {"smoke": self.smoke, "config": self.cfg.model_dump(mode="json")}
+        (self.output_dir / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def generator_for_export(self) -> torch.nn.Module:
+        net = self.accelerator.unwrap_model(self.recipe.generator_net(), keep_fp32_wrapper=False)
+        if self.ema is None or not self.cfg.train.ema.use_for_export:
+            return net
+        ema_net = copy.deepcopy(net)
+        self.ema.copy_to([p for p in ema_net.parameters() if p.requires_grad])
+        return ema_net
+
+    def export(self) -> ExportReport:
+        cfg = self.cfg
+        info = card_info(cfg, self.smoke)
+
+        def write_card(pipeline_dir: Path, steps: int) -> None:
+            info.num_inference_steps = steps
+            write_model_card(pipeline_dir, info)
+
+        report = export_student(
+            self.teacher,
+            self.generator_for_export(),
+            self.output_dir,
+            steps=self.recipe.export_steps,
+            verify=cfg.export.verify,
+            tolerance=cfg.export.tolerance,
+            lora_file=cfg.export.lora_file,
+            write_card=write_card,
+        )
+        summary = {
+            "pipeline": str(report.pipeline_dir),
+            "lora": str(report.lora_dir) if report.lora_dir else None,
+            "pipeline_max_abs_diff": report.pipeline_max_abs_diff,
+            "lora_max_abs_diff": report.lora_max_abs_diff,
+        }
+        (self.output_dir / "export.json").write_text(json.dumps(summary, indent=1))
+        return report
+
+
+def card_info(cfg: RunConfig, smoke: bool) -> CardInfo:
+    teacher = cfg.teacher
+    family_pipeline = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+    return CardInfo(
+        teacher_id=("tiny random " + teacher.family) if smoke else str(teacher.model_id),
+        teacher_revision=None if smoke else teacher.revision,
+        family=teacher.family,
+        pipeline_class=family_pipeline.get(teacher.family, "SanaPipeline"),
+        recipe=cfg.recipe.name,
+        student=cfg.student.type,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        scheduler="FlowMatchLCMScheduler" if teacher.family == "sana" else "LCMScheduler",
+        license=teacher.license,
+        config_summary=flat_summary(cfg),
+        has_lora=cfg.student.type == "lora" and cfg.export.lora_file,
+    )
+
+
+def flat_summary(cfg: RunConfig) -> dict:
+    out = {}
+    for section in ("recipe", "student", "train"):
+        for key, value in getattr(cfg, section).model_dump(mode="json").items():
+            if not isinstance(value, dict | list):
+                out[f"{section}.{key}"] = value
+    return out
+
+
+def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:
+    return Trainer(cfg, smoke=smoke, resume=resume).train()

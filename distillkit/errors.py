@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message and exits with code 2, no traceback."""
+
+
+class DistillkitError(Exception):
+    """Base of every error that is the user's to fix (bad config, missing file, ...)."""
+
+
+class ConfigError(DistillkitError):
+    """The configuration or a file it names cannot be used as given."""
+
+
+class ExportError(DistillkitError):
+    """An export failed verification; the previous export (if any) is untouched."""

@@ -1,0 +1,300 @@
+"""Model card and Hub push for an exported student.
+
+Why a module of its own: export writes a diffusers directory; this makes it findable and runnable
+on the Hub (a card that says how to call it and how well it scored) without ever persisting or
+echoing the user's token. Network access happens only in `push_output`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sana": "SANA"}
+_LORA_FILE = "pytorch_lora_weights.safetensors"
+_LOGIN_HINT = "run `hf auth login` or set the HF_TOKEN environment variable (a write token)"
+
+
+class HubError(RuntimeError):
+    """A push failed; the message is one line, safe to show (never contains the token)."""
+
+
+@dataclass
+class CardInfo:
+    """What the model card says; filled by export/eval, rendered by `render_model_card`."""
+
+    teacher_id: str  # hub id or local path the teacher came from
+    teacher_revision: str | None
+    family: str  # "sd15" | "sdxl" | "sana"
+    pipeline_class: str  # e.g. "StableDiffusionPipeline"
+    recipe: str  # e.g. "dmd2"
+    student: str  # "lora" | "full"
+    num_inference_steps: int  # steps the student is meant to be called with (usually 1)
+    guidance_scale: float  # usually 0.0 for distilled students
+    scheduler: str  # scheduler class name stored in the export
+    license: str | None = None  # taken from the teacher card
+    config_summary: dict[str, Any] = field(default_factory=dict)  # flat key -> value
+    eval_results: dict[str, Any] | list[dict[str, Any]] | None = None  # metrics or table rows
+    sample_grid: str | None = None  # relative path of a PNG inside the pipeline dir
+    has_lora: bool = False  # ../lora/pytorch_lora_weights.safetensors exists alongside
+    repo_id: str | None = None  # where it will be pushed; makes the usage snippet copy-paste ready
+
+
+def _is_hub_id(ref: str) -> bool:
+    """A hub id ("org/name") rather than a local path; the Hub rejects paths as base_model."""
+    return bool(_HUB_ID.fullmatch(ref)) and not Path(ref).exists()
+
+
+def _teacher_ref(info: CardInfo) -> str:
+    """Hub id as-is; for a local teacher only the folder name (no local paths in public cards)."""
+    return info.teacher_id if _is_hub_id(info.teacher_id) else Path(info.teacher_id).name
+
+
+def _fmt(value: Any) -> str:
+    """One table cell: compact numbers, no line breaks or pipes that would break the table."""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_fmt(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _front_matter(info: CardInfo) -> dict[str, Any]:
+    steps_tag = "one-step" if info.num_inference_steps == 1 else "few-step"
+    tags = ["distillkit", info.recipe, info.family, steps_tag, "text-to-image", "diffusers"]
+    if info.has_lora:
+        tags.append("lora")
+    meta: dict[str, Any] = {}
+    if info.license:
+        meta["license"] = info.license
+    if _is_hub_id(info.teacher_id):
+        meta["base_model"] = info.teacher_id
+    meta["library_name"] = "diffusers"
+    meta["pipeline_tag"] = "text-to-image"
+    meta["tags"] = list(dict.fromkeys(tags))  # unique, order kept
+    return meta
+
+
+def _usage(info: CardInfo) -> str:
+    """A runnable snippet: the full pipeline, and the LoRA-on-teacher variant when shipped."""
+    repo = info.repo_id or "your-username/your-model"
+    call = (
+        f'image = pipe("a photo of an astronaut riding a horse", '
+        f"num_inference_steps={info.num_inference_steps}, "
+        f"guidance_scale={float(info.guidance_scale)!r}).images[0]"
+    )
+    lines = [
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline"
+        + (f", {info.scheduler}" if info.has_lora else ""),
+        "",
+        'device = "cuda" if torch.cuda.is_available() else "cpu"',
+        'dtype = torch.float16 if device == "cuda" else torch.float32',
+        f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=dtype).to(device)',
+        call,
+        'image.save("sample.png")',
+    ]
+    if info.has_lora:
+        lines += [
+            "",
+            "# Or: the teacher plus the distilled LoRA and the one-step scheduler",
+            f'pipe = DiffusionPipeline.from_pretrained("{_teacher_ref(info)}", '
+            "torch_dtype=dtype).to(device)",
+            f'pipe.load_lora_weights("{repo}", subfolder="lora", weight_name="{_LORA_FILE}")',
+            f'pipe.scheduler = {info.scheduler}.from_pretrained("{repo}", subfolder="scheduler")',
+            call,
+        ]
+    if repo != info.repo_id:
+        lines.insert(6, "# replace with this repo's id, or the local path of this folder")
+    return "\n".join([*lines, "```"])
+
+
+def render_model_card(info: CardInfo) -> str:
+    """README.md text: Hub metadata (YAML front matter), then how it was made and how to call it."""
+    teacher = _teacher_ref(info)
+    family = _FAMILY_NAMES.get(info.family, info.family)
+    teacher_link = (
+        f"[{teacher}](https://huggingface.co/{teacher})"
+        if _is_hub_id(info.teacher_id)
+        else f"a local teacher (`{teacher}`)"
+    )
+    revision = f" at revision `{info.teacher_revision}`" if info.teacher_revision else ""
+    student = (
+        "trained as LoRA adapters on the teacher's denoiser, fused into this pipeline's weights"
+        if info.student == "lora"
+        else "a fully trained copy of the teacher's denoiser"
+    )
+    steps = info.num_inference_steps
+    n_steps = "one-step" if steps == 1 else f"{steps}-step"
+    parts = [
+        "---\n" + yaml.safe_dump(_front_matter(info), sort_keys=False, allow_unicode=True) + "---",
+        f"# {info.recipe.upper()} {n_steps} student of {teacher}",
+        f"A {n_steps} {family} text-to-image model (`{info.pipeline_class}`), distilled from "
+        f"{teacher_link}{revision} with the **{info.recipe}** recipe of distillkit. "
+        f"The student was {student}. The stored scheduler is `{info.scheduler}`, set up for "
+        f"{n_steps} sampling; call it with `num_inference_steps={steps}` and "
+        f"`guidance_scale={float(info.guidance_scale)!r}` "
+        "(guidance is distilled into the student, so classifier-free guidance is not needed).",
+        "## How to use",
+        _usage(info),
+    ]
+    if info.has_lora:
+        parts.append(
+            f"The LoRA alone is in `lora/{_LORA_FILE}` (saved with its adapter metadata, so "
+            "rank and alpha scaling survive reloading)."
+        )
+    if info.config_summary:
+        rows = [[f"`{k}`", v] for k, v in info.config_summary.items()]
+        parts += ["## Training configuration", _table(["key", "value"], rows)]
+    if info.eval_results:
+        parts.append("## Evaluation")
+        if isinstance(info.eval_results, dict):
+            parts.append(
+                _table(["metric", "value"], [[k, v] for k, v in info.eval_results.items()])
+            )
+        else:
+            cols = list(dict.fromkeys(k for row in info.eval_results for k in row))
+            parts.append(
+                _table(cols, [[row.get(c, "") for c in cols] for row in info.eval_results])
+            )
+    if info.sample_grid:
+        grid = PurePosixPath(Path(info.sample_grid).as_posix())
+        if grid.is_absolute() or ".." in grid.parts:
+            raise ValueError(
+                f"sample_grid must be relative to the pipeline dir: {info.sample_grid}"
+            )
+        parts += ["## Samples", f"![{n_steps} samples]({grid})"]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(pipeline_dir: Path, info: CardInfo) -> Path:
+    """Write pipeline_dir/README.md (the Hub renders it as the model page)."""
+    pipeline_dir = Path(pipeline_dir)
+    if not pipeline_dir.is_dir():
+        raise FileNotFoundError(f"pipeline directory not found: {pipeline_dir}")
+    if info.sample_grid and not (pipeline_dir / info.sample_grid).is_file():
+        raise FileNotFoundError(f"sample grid not found: {pipeline_dir / info.sample_grid}")
+    path = pipeline_dir / "README.md"
+    path.write_text(render_model_card(info), encoding="utf-8", newline="\n")
+    return path
+
+
+def _resolve_token(token: str | None) -> str:
+    """Explicit token, else HF_TOKEN, else the saved `hf auth login` token."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    try:
+        found = get_token()
+    except Exception as exc:  # e.g. a failed OIDC exchange
+        raise HubError(
+            f"could not get a Hugging Face token ({type(exc).__name__}): {_LOGIN_HINT}"
+        ) from None
+    if not found:
+        raise HubError(f"no Hugging Face token found: {_LOGIN_HINT}")
+    return found
+
+
+def _describe(exc: BaseException, endpoint: str) -> str:
+    """One line naming the cause; HTTP errors keep status, route and the server's message."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    name = type(exc).__name__
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, OfflineModeIsEnabled):
+        return f"HF_HUB_OFFLINE is set, so {endpoint} is not contacted: unset it to push"
+    response = getattr(exc, "response", None)
+    if isinstance(exc, HfHubHTTPError) and response is not None:
+        request = response.request
+        cause = f"{endpoint} answered HTTP {response.status_code} to {request.method} "
+        cause += request.url.path
+        if exc.server_message:
+            cause += f": {exc.server_message.strip().splitlines()[0]}"
+        if response.status_code in (401, 403):
+            cause += f" (check the token's write access: {_LOGIN_HINT})"
+        return cause
+    if type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore"} or isinstance(
+        exc, ConnectionError
+    ):
+        verb = "could not reach" if name.startswith("Connect") else "lost the connection to"
+        return f"{verb} {endpoint}: {name}" + (f" ({first})" if first and first != name else "")
+    return f"{name}: {first}" if first else name
+
+
+def push_output(
+    output_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    include_lora: bool = True,
+) -> str:
+    """Upload output_dir/pipeline/ as the repo root (and lora/ as `lora/`); return the commit URL.
+
+    Two commits (pipeline, then LoRA): re-running after a failure uploads only what changed.
+    Local files are only read. HF_ENDPOINT is honoured, even when set after import.
+    """
+    output_dir = Path(output_dir)
+    pipeline_dir, lora_dir = output_dir / "pipeline", output_dir / "lora"
+    if not pipeline_dir.is_dir():
+        raise HubError(f"nothing to push: {pipeline_dir} does not exist (run the export first)")
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise HubError(f"{pipeline_dir} has no model_index.json: not a diffusers pipeline export")
+    token = _resolve_token(token)
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(
+        endpoint=os.environ.get("HF_ENDPOINT", "").rstrip("/") or None, library_name="distillkit"
+    )
+    stage = "creating the repo"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+        if revision and revision != "main":
+            stage = f"creating branch {revision!r}"
+            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+        stage = "uploading pipeline/"
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=pipeline_dir,
+            revision=revision,
+            token=token,
+            commit_message="Upload distilled pipeline (distillkit)",
+        )
+        if include_lora and lora_dir.is_dir():
+            stage = "uploading lora/ (pipeline/ is already pushed: re-run to finish)"
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=lora_dir,
+                path_in_repo="lora",
+                revision=revision,
+                token=token,
+                commit_message="Upload distilled LoRA (distillkit)",
+            )
+    except Exception as exc:
+        message = f"push to {repo_id} failed while {stage}: {_describe(exc, api.endpoint)}"
+        leaked = token in str(exc) or token in repr(exc.args)
+        raise HubError(message.replace(token, "***")) from (None if leaked else exc)
+    url = str(getattr(commit, "commit_url", commit))
+    logger.info("pushed %s to %s", output_dir, url)
+    return url

@@ -1,0 +1,62 @@
+"""The recipe contract: roles, which roles update at a step, and one loss per role.
+
+The engine loop owns optimisation (backward, clipping, optimiser steps, EMA, checkpoints); a
+recipe owns the networks it trains and the math. It never sees optimisers, devices or ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from distillkit.teachers.base import TeacherAdapter
+
+
+@dataclass
+class Batch:
+    """One micro-batch: prompts, optional real images in [-1, 1] with their captions, and the
+    micro-batch's own random stream (so runs and resumes are reproducible)."""
+
+    prompts: list[str]
+    images: Tensor | None
+    captions: list[str] | None
+    generator: torch.Generator
+    scratch: dict[str, Any] = field(default_factory=dict)  # shared by the roles of one step
+
+    def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return torch.randn(shape, generator=self.generator).to(device)
+
+
+class Recipe:
+    """Subclasses set ``config_class`` and build their role networks in ``__init__``."""
+
+    config_class: ClassVar[type]
+    generator_role: ClassVar[str] = "generator"
+    needs_images: ClassVar[bool] = False
+
+    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+        self.run_cfg = run_cfg
+        self.cfg = run_cfg.recipe
+        self.teacher = teacher
+        self.roles: dict[str, nn.Module] = {}
+
+    def schedule(self, step: int) -> list[str]:
+        """Roles to update at ``step``, in order."""
+        return list(self.roles)
+
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def learning_rate(self, role: str) -> float:
+        return float(self.cfg.lr[role])
+
+    @property
+    def export_steps(self) -> int:
+        """num_inference_steps the exported pipeline is meant to be called with."""
+        return 1
+
+    def generator_net(self) -> nn.Module:
+        return self.roles[self.generator_role]

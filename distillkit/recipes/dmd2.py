@@ -1,0 +1,216 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., 2024, arXiv:2405.14867).
+
+The generator follows the difference between the teacher's ("real") score and a "fake" score
+that tracks the generator's own distribution; the fake score is refreshed several times per
+generator update (two time-scale rule). An optional GAN head on the fake score's bottleneck
+features compares generated and real images. Multi-step generators train by backward
+simulation. Defaults are the paper's SDXL settings unless a YAML says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from distillkit.recipes.base import Batch, Recipe
+from distillkit.registry import register_recipe
+from distillkit.schema import Strict
+from distillkit.students import trainable_copy
+from distillkit.teachers.base import TeacherAdapter
+
+
+class DMD2Config(Strict):
+    name: Literal["dmd2"] = "dmd2"
+    real_guidance_scale: float = Field(8.0, ge=0, description="CFG of the teacher score")
+    fake_guidance_scale: float = Field(1.0, ge=0, description="CFG of the fake score (1 = none)")
+    fake_updates_per_generator: int = Field(5, ge=1, description="two time-scale update rule")
+    generator_steps: int = Field(1, ge=1, le=8, description="few-step generator (backward sim.)")
+    min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timestep range, fraction of T")
+    max_t: float = Field(0.98, gt=0, le=1)
+    fake_score: Literal["full", "lora"] = "full"
+    gan_generator_weight: float = Field(0.0, ge=0, description="paper: 5e-3 (SDXL), 1e-3 (SD1.5)")
+    gan_discriminator_weight: float = Field(0.0, ge=0, description="paper: 1e-2")
+    lr: dict[Literal["generator", "fake_score"], float] = Field(
+        default_factory=lambda: {"generator": 5e-7, "fake_score": 5e-7}
+    )
+
+    @property
+    def gan(self) -> bool:
+        return self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def distribution_matching_grad(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+    """DMD's per-sample normalised gradient on x0: (s_fake - s_real) direction in x0 space.
+
+    In x0 terms the score difference is proportional to fake_x0 - real_x0; dividing by the mean
+    |x0 - real_x0| makes the step size independent of the noise level (DMD, eq. 8).
+    """
+    p_real = x0 - real_x0
+    p_fake = x0 - fake_x0
+    dims = tuple(range(1, x0.ndim))
+    norm = p_real.abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    return torch.nan_to_num((p_real - p_fake) / norm)
+
+
+def distribution_matching_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+    """A surrogate whose gradient w.r.t. x0 is the DM gradient (averaged over elements)."""
+    grad = distribution_matching_grad(x0.detach(), real_x0.detach(), fake_x0.detach())
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Fake-score training: plain regression onto the family's own target (eps, v, velocity)."""
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    return F.softplus(-fake_logits).mean()
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class DiscriminatorHead(nn.Module):
+    """A light classifier on denoiser features (any spatial size): real vs generated."""
+
+    def __init__(self, channels: int, width: int = 128) -> None:
+        super().__init__()
+        groups = 32 if width % 32 == 0 else 1
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.GroupNorm(groups, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(groups, width),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, 1),
+        )
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.body(feats.float()).squeeze(1)
+
+
+class FakeScore(nn.Module):
+    """The fake-score denoiser, plus the GAN head that reads its bottleneck features."""
+
+    def __init__(self, net: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.net = net
+        self.head = head
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def predict_with_features(
+    teacher: TeacherAdapter, fake: FakeScore, x_t: Tensor, t: Tensor, batch_cond
+) -> tuple[Tensor, Tensor]:
+    """One fake-score call returning its output and the GAN logits from the same forward."""
+    block, _ = teacher.feature_module(unwrap(fake.net))
+    captured: list[Tensor] = []
+    hook = block.register_forward_hook(
+        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        out = teacher.forward(fake.net, x_t, t, batch_cond.cond)
+    finally:
+        hook.remove()
+    return out, fake.head(teacher.features_to_map(captured[-1]))
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+@register_recipe
+class DMD2(Recipe):
+    config_class = DMD2Config
+
+    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+        super().__init__(run_cfg, teacher)
+        cfg, student = self.cfg, run_cfg.student
+        ckpt = run_cfg.train.gradient_checkpointing
+        self.roles["generator"] = trainable_copy(teacher.denoiser, student.type, student.lora, ckpt)
+        fake_net = trainable_copy(teacher.denoiser, cfg.fake_score, student.lora, ckpt)
+        head = None
+        if cfg.gan:
+            _, channels = teacher.feature_module(fake_net)
+            head = DiscriminatorHead(channels).to(teacher.device)
+        self.roles["fake_score"] = FakeScore(fake_net, head)
+        self.needs_images = cfg.gan
+
+    def schedule(self, step: int) -> list[str]:
+        if step % self.cfg.fake_updates_per_generator == 0:
+            return ["generator", "fake_score"]
+        return ["fake_score"]
+
+    @property
+    def export_steps(self) -> int:
+        return self.cfg.generator_steps
+
+    def _generate(self, batch: Batch, cond, with_grad: bool) -> Tensor:
+        """Generator samples; backward simulation picks a random stopping step when few-step."""
+        teacher, k = self.teacher, self.cfg.generator_steps
+        n = len(batch.prompts)
+        noise = batch.randn((n, *teacher.latent_shape()), teacher.device)
+        last = int(torch.randint(k, (1,), generator=batch.generator)) if k > 1 else 0
+        with torch.set_grad_enabled(with_grad):
+            return teacher.generate(self.roles["generator"], noise, cond, k, last, batch.generator)
+
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher, cfg = self.teacher, self.cfg
+        cond = teacher.encode(batch.prompts)
+        n = len(batch.prompts)
+        fake: FakeScore = self.roles["fake_score"]
+        if role == "generator":
+            x0 = self._generate(batch, cond, with_grad=True)
+            batch.scratch["x0"] = x0.detach()
+            t = teacher.sample_t(n, batch.generator, cfg.min_t, cfg.max_t)
+            x_t = teacher.add_noise(x0, batch.randn(x0.shape, x0.device), t)
+            logs: dict[str, Tensor] = {}
+            gan_loss = x0.new_zeros(())
+            if cfg.gan and cfg.gan_generator_weight > 0:
+                out, logits = predict_with_features(teacher, fake, x_t, t, cond)
+                fake_x0 = teacher.to_x0(out, x_t, t).detach()
+                gan_loss = gan_generator_loss(logits)
+                logs["gan"] = gan_loss.detach()
+            with torch.no_grad():
+                if not (cfg.gan and cfg.gan_generator_weight > 0) or cfg.fake_guidance_scale != 1:
+                    fake_x0 = teacher.denoise(fake.net, x_t, t, cond, cfg.fake_guidance_scale)
+                real_x0 = teacher.denoise(teacher.denoiser, x_t, t, cond, cfg.real_guidance_scale)
+            dm = distribution_matching_loss(x0, real_x0, fake_x0)
+            logs["dm"] = dm.detach()
+            return dm + cfg.gan_generator_weight * gan_loss, logs
+
+        x0 = batch.scratch.get("x0")
+        if x0 is None:
+            x0 = self._generate(batch, cond, with_grad=False)
+        t = teacher.sample_t(n, batch.generator, 0.0, 1.0)
+        eps = batch.randn(x0.shape, x0.device)
+        x_t = teacher.add_noise(x0, eps, t)
+        target = teacher.target(x0, eps, t)
+        if not cfg.gan:
+            loss = denoising_loss(teacher.forward(fake.net, x_t, t, cond.cond), target)
+            return loss, {"denoise": loss.detach()}
+        out, fake_logits = predict_with_features(teacher, fake, x_t, t, cond)
+        dsm = denoising_loss(out, target)
+        real = teacher.encode_images(batch.images)
+        real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
+        real_cond = teacher.encode(batch.captions)
+        _, real_logits = predict_with_features(teacher, fake, real_t, t, real_cond)
+        disc = gan_discriminator_loss(real_logits, fake_logits)
+        logs = {"denoise": dsm.detach(), "disc": disc.detach()}
+        return dsm + cfg.gan_discriminator_weight * disc, logs

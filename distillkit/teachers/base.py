@@ -1,0 +1,256 @@
+"""The teacher-adapter contract: every recipe talks to a model family only through this.
+
+A family adapter wraps a loaded diffusers pipeline and supplies four things: how prompts become
+network keyword arguments (:meth:`encode_prompts`), how a network is called
+(:meth:`forward`), which schedule/parameterization it uses (:meth:`build_schedule`) and which
+one-step scheduler its export uses (:meth:`export_scheduler`). Everything else (noising,
+x0/eps conversions, classifier-free guidance, few-step generation, VAE round trips) is written
+once here on top of those.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import Tensor, nn
+
+from distillkit.diffusion.schedules import Schedule
+
+
+def tree_map(fn, tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    return tree
+
+
+def tree_cat(trees: list[Any]) -> Any:
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: tree_cat([t[k] for t in trees]) for k in first}
+    if isinstance(first, Tensor):
+        return torch.cat(trees, dim=0)
+    return first
+
+
+@dataclass
+class Conditioning:
+    """Per-sample network keyword arguments for the prompts and for the empty prompt (CFG).
+
+    Recipes pass it around without looking inside; only the adapter knows the keys.
+    """
+
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Conditioning:
+        def move(t: Tensor) -> Tensor:
+            cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            return t.to(device=device, dtype=cast)
+
+        return Conditioning(tree_map(move, self.cond), tree_map(move, self.uncond))
+
+    def select(self, index: Tensor | slice) -> Conditioning:
+        return Conditioning(
+            tree_map(lambda t: t[index], self.cond), tree_map(lambda t: t[index], self.uncond)
+        )
+
+
+class TeacherAdapter:
+    """Base adapter; subclasses are registered per family in distillkit/teachers/<family>.py."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    denoiser_attr: ClassVar[str] = "unet"
+    embedding_cache_size: ClassVar[int] = 4096
+
+    def __init__(self, pipe: DiffusionPipeline, resolution: int, device: torch.device) -> None:
+        if type(pipe).__name__ != self.pipeline_class:
+            raise TypeError(
+                f"family {self.family!r} expects a {self.pipeline_class}, got {type(pipe).__name__}"
+            )
+        self.pipe = pipe
+        self.resolution = resolution
+        self.device = device
+        self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
+        for module in pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+                module.eval()
+        pipe.to(device)
+        self._cache: OrderedDict[str, tuple[dict, dict]] = OrderedDict()
+        factor = pipe.vae_scale_factor
+        if resolution % factor:
+            raise ValueError(
+                f"teacher.resolution={resolution} is not divisible by the VAE's downsampling "
+                f"factor {factor}; use a multiple of {factor}"
+            )
+
+    # ------------------------------------------------------------------ family specifics
+    def build_schedule(self, scheduler_config: dict) -> Schedule:
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
+        """Network kwargs for ``prompts`` and for the empty prompt, batched like the input."""
+        raise NotImplementedError
+
+    def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
+        """One raw network call in the family's own parameterization."""
+        raise NotImplementedError
+
+    def export_scheduler(self):
+        """A scheduler whose k-step trajectory is exactly :meth:`generate`'s."""
+        raise NotImplementedError
+
+    def pipeline_call_kwargs(self) -> dict:
+        """Extra arguments the family's pipeline needs to reproduce training-time sampling."""
+        return {}
+
+    def feature_module(self, net: nn.Module) -> tuple[nn.Module, int]:
+        """The block whose output serves as GAN features, and its channel count."""
+        raise NotImplementedError
+
+    def features_to_map(self, feats: Tensor) -> Tensor:
+        """Shape features as (N, C, h, w) for a convolutional head."""
+        return feats
+
+    # ------------------------------------------------------------------ shared machinery
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.resolution // self.pipe.vae_scale_factor
+        return (self.latent_channels, size, size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Frozen text encoders: cache per prompt so repeated prompts cost nothing."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            cond, uncond = self.encode_prompts(missing)
+            for i, prompt in enumerate(missing):
+                pick = lambda t, i=i: t[i : i + 1].detach()  # noqa: E731
+                self._cache[prompt] = (tree_map(pick, cond), tree_map(pick, uncond))
+        for p in prompts:
+            self._cache.move_to_end(p)
+        parts = [self._cache[p] for p in prompts]
+        while len(self._cache) > self.embedding_cache_size:
+            self._cache.popitem(last=False)
+        return Conditioning(tree_cat([c for c, _ in parts]), tree_cat([u for _, u in parts]))
+
+    def sample_t(
+        self, n: int, generator: torch.Generator | None, lo: float = 0.0, hi: float = 1.0
+    ) -> Tensor:
+        return self.schedule.sample_t(n, generator, lo, hi).to(self.device)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.schedule.add_noise(x0, eps, t)
+
+    def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.schedule.to_x0(out, x_t, t)
+
+    def to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.schedule.to_eps(out, x_t, t)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.schedule.target(x0, eps, t)
+
+    def predict(
+        self,
+        net: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """Network output with classifier-free guidance (``None`` or 1 = conditional only)."""
+        if guidance is None or guidance == 1.0:
+            return self.forward(net, x_t, t, cond.cond)
+        kwargs = tree_cat([cond.uncond, cond.cond])
+        out = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), kwargs)
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+    def denoise(
+        self,
+        net: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """x0 estimate; guidance is linear in the output, so it is the guided x0 as well."""
+        return self.to_x0(self.predict(net, x_t, t, cond, guidance), x_t, t)
+
+    def generator_timesteps(self, steps: int) -> Tensor:
+        scheduler = self.export_scheduler()
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler.timesteps.float()
+
+    def generate(
+        self,
+        net: nn.Module,
+        noise: Tensor,
+        cond: Conditioning,
+        steps: int = 1,
+        last: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Few-step sampling as the exported scheduler does it: predict x0, re-noise, repeat.
+
+        With ``last`` < steps-1 this is DMD2's backward simulation: the trajectory up to step
+        ``last`` runs without gradients and only the final prediction carries them.
+        """
+        timesteps = self.generator_timesteps(steps)
+        last = steps - 1 if last is None else last
+        x = noise
+        for i in range(last + 1):
+            t = timesteps[i].expand(noise.shape[0])
+            if i < last:
+                with torch.no_grad():
+                    x0 = self.denoise(net, x, t, cond)
+                fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+                x = self.add_noise(x0, fresh.to(x0.device), timesteps[i + 1].expand(x.shape[0]))
+            else:
+                x0 = self.denoise(net, x, t, cond)
+        return x0
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> latents in the denoiser's space (scaled and shifted)."""
+        vae = self.pipe.vae
+        out = vae.encode(images.to(self.device, vae.dtype))
+        latents = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents / vae.config.scaling_factor + shift
+        return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)
+
+    def pipeline_for_export(self, denoiser: nn.Module) -> DiffusionPipeline:
+        """The teacher's pipeline with ``denoiser`` swapped in and the few-step scheduler."""
+        components = dict(self.pipe.components)
+        components[self.denoiser_attr] = denoiser
+        components["scheduler"] = self.export_scheduler()
+        return type(self.pipe)(**components)
+
+    def fresh_copy_of_denoiser(self) -> nn.Module:
+        return copy.deepcopy(self.denoiser)

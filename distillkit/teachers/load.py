@@ -1,0 +1,102 @@
+"""Load a teacher pipeline (Hub id, local directory, or a tiny same-family stand-in for --smoke)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from distillkit.config import TeacherConfig
+from distillkit.errors import ConfigError
+from distillkit.registry import get_family
+from distillkit.teachers.base import TeacherAdapter
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("DISTILLKIT_CACHE") or Path.home() / ".cache" / "distillkit"
+    return Path(root)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name != "fp32" and device.type != "cuda":
+        raise ConfigError(
+            f"teacher.dtype={name} needs a CUDA device; on {device.type} use teacher.dtype=fp32"
+        )
+    return DTYPES[name]
+
+
+def tiny_teacher_dir(family: str, resolution: int) -> Path:
+    """Build (once) and save a tiny random teacher of ``family``; reused across runs."""
+    from distillkit.teachers.tiny import TinySpec, save_tiny_teacher
+
+    spec = TinySpec(family=family, sample_size=resolution)
+    key = hashlib.sha256(json.dumps(repr(spec)).encode()).hexdigest()[:12]
+    out = cache_root() / "tiny" / f"{family}-{key}"
+    if not (out / "model_index.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        save_tiny_teacher(spec, tmp)
+        tmp.replace(out) if not out.exists() else None
+    return out
+
+
+def _from_pretrained(cfg: TeacherConfig, source: str, dtype: torch.dtype) -> DiffusionPipeline:
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "model_index.json").is_file():
+        raise ConfigError(
+            f"teacher.model_id: {source} is not a diffusers pipeline directory "
+            "(no model_index.json); give a Hub id or a folder saved with save_pretrained"
+        )
+    kwargs = {"torch_dtype": dtype, "use_safetensors": cfg.use_safetensors}
+    if cfg.variant:
+        kwargs["variant"] = cfg.variant
+    if cfg.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        return DiffusionPipeline.from_pretrained(
+            str(local) if looks_local else source, revision=cfg.revision, **kwargs
+        )
+    except OSError as err:
+        text = str(err)
+        if "safetensors" in text.lower() and cfg.use_safetensors:
+            raise ConfigError(
+                f"teacher.model_id: {source} has no safetensors weights. Pickle weights can run "
+                "code when loaded; if you trust this source set teacher.use_safetensors=false"
+            ) from None
+        raise ConfigError(
+            f"teacher.model_id: could not load {source!r}"
+            f"{' at revision ' + cfg.revision if cfg.revision else ''}: {text.splitlines()[0]}"
+            " (offline? check the id, the revision, and HF_HUB_OFFLINE / your network)"
+        ) from None
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device, smoke: bool = False) -> TeacherAdapter:
+    """The adapter of ``cfg.family`` around the loaded pipeline (frozen, on ``device``)."""
+    cfg.require()
+    family = get_family(cfg.family)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if smoke:
+        resolution = min(cfg.resolution, 64)
+        pipe = DiffusionPipeline.from_pretrained(
+            tiny_teacher_dir(cfg.family, resolution), torch_dtype=dtype
+        )
+    else:
+        resolution = cfg.resolution
+        pipe = _from_pretrained(cfg, cfg.model_id, dtype)
+    if type(pipe).__name__ != family.pipeline_class:
+        raise ConfigError(
+            f"teacher.family={cfg.family!r} expects a {family.pipeline_class}, but "
+            f"{cfg.model_id} is a {type(pipe).__name__}; fix teacher.family or teacher.model_id"
+        )
+    try:
+        return family(pipe, resolution, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

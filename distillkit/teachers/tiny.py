@@ -1,0 +1,335 @@
+"""Tiny, randomly initialised diffusers teachers of the real families, built offline.
+
+Why: tests and ``--smoke`` runs must exercise the real diffusers classes (tokenizers, text
+encoders, VAE, denoiser, scheduler config) without a Hub download or a GPU. Every module is
+created under its own fixed seed, so one ``TinySpec`` always gives the same weights.
+
+Calling the saved pipelines at small sizes:
+
+- ``sd15`` / ``sdxl``: ``pipe("a cat", num_inference_steps=2, height=S, width=S)``; the
+  default height/width are ``unet.config.sample_size * vae_scale_factor`` = ``spec.sample_size``.
+- ``sana``: pass ``use_resolution_binning=False`` and an explicit ``height``/``width``. With
+  binning on, SanaPipeline only accepts a transformer ``sample_size`` of 16/32/64/128 and snaps
+  the size to its 512-4096 px tables; our ``sample_size`` is the latent size (like the real
+  one), so a default call raises ``ValueError("Invalid sample size")`` instead of silently
+  rendering 1024 px. The default ``complex_human_instruction`` (~900 tokens with our mostly
+  character-level Gemma tokenizer) is prepended to every prompt; ``model_max_length`` and
+  Gemma's ``max_position_embeddings`` (2048) cover it plus ``max_sequence_length=300``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+)
+
+FAMILIES = ("sd15", "sdxl", "sana")
+M = TypeVar("M", bound=torch.nn.Module)
+
+# Whole-word merges so digit prompts ("a handwritten digit seven") get word tokens; every other
+# string still tokenizes (bytes for CLIP, characters or byte fallback for Gemma).
+_WORDS = (
+    "a", "an", "the", "of", "photo", "handwritten", "digit", "number", "cat", "dog",
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+)  # fmt: skip
+# Scheduler values of the real SD1.5 / SDXL checkpoints (scheduler_config.json).
+_SD_SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+    "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
+}  # fmt: skip
+_CLIP_MAX_LEN = 77
+_SANA_MAX_LEN = 2048  # >= the ~900-token default instruction + max_sequence_length 300
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny architectures; defaults give a fast smoke teacher at 32-64 px."""
+
+    family: str
+    sample_size: int = 32  # image resolution in pixels
+    vae_downsample: int = 8  # 8 like real SD; power of 2 >= 1 (for sana, the DC-AE compression)
+    latent_channels: int = 4  # real DC-AE uses 32; 4 keeps the tiny one small
+    block_out_channels: tuple[int, ...] = (32, 64)  # UNet widths (sd15, sdxl)
+    text_hidden: int = 32  # text encoder width; sdxl's second encoder is twice as wide
+    seed: int = 0
+    layers_per_block: int = 1
+    attention_head_dim: int = 8  # UNet heads per attention (diffusers' legacy name)
+    text_layers: int = 2  # >= 2: SDXL reads hidden_states[-2]
+    vae_channels: int = 16  # width of every VAE block
+    addition_time_embed_dim: int = 8  # sdxl micro-conditioning (real: 256)
+    sana_heads: int = 2
+    sana_head_dim: int = 8
+    sana_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        d = self.vae_downsample
+        if d < 1 or d & (d - 1):
+            raise ValueError(f"vae_downsample must be a power of 2 >= 1, got {d}")
+        if self.sample_size % d:
+            raise ValueError(f"sample_size {self.sample_size} not divisible by {d}")
+        unet_factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.family != "sana" and self.latent_size % unet_factor:
+            raise ValueError(f"latent size {self.latent_size} not divisible by {unet_factor}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.sample_size // self.vae_downsample
+
+
+def _seeded(seed: int, index: int, build: Callable[[], M]) -> M:
+    """Build one module under its own seed, leaving the caller's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + index)
+        return build().eval()
+
+
+def _chain_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Left-to-right BPE merges that assemble each word (given as symbols) into one token."""
+    merges: list[tuple[str, str]] = []
+    for symbols in words:
+        cur = symbols[0]
+        for s in symbols[1:]:
+            if (cur, s) not in merges:
+                merges.append((cur, s))
+            cur += s
+    return merges
+
+
+def _merge_vocab(base: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    out = list(dict.fromkeys(base))
+    out += [a + b for a, b in merges if a + b not in out]
+    return out
+
+
+def _clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """Byte-level BPE: 256 byte symbols (+ end-of-word forms), word merges, specials last."""
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = _chain_merges([[*w[:-1], w[-1] + "</w>"] for w in _WORDS if len(w) > 1])
+    tokens = _merge_vocab(alphabet + [c + "</w>" for c in alphabet], merges)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last ids, as in the real CLIP vocab
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=_CLIP_MAX_LEN
+    )
+
+
+def _gemma_tokenizer() -> GemmaTokenizer:
+    """Gemma-style BPE: specials, 256 byte-fallback tokens, printable characters, word merges."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    chars = ["▁", "\n"] + [chr(i) for i in range(33, 127)]
+    merges = _chain_merges([["▁", *w] for w in _WORDS])
+    tokens = _merge_vocab(specials + byte_tokens + chars, merges)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return GemmaTokenizer(
+        vocab=vocab, merges=merges, add_bos_token=True, model_max_length=_SANA_MAX_LEN
+    )
+
+
+def _clip_config(
+    spec: TinySpec, tok: CLIPTokenizer, hidden: int, act: str = "quick_gelu"
+) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=_CLIP_MAX_LEN,
+        hidden_act=act,
+        # CLIP pools at the first eos id: it must be the tokenizer's, not CLIP's 49407.
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _unet(spec: TinySpec, sdxl: bool, cross_dim: int, pooled_dim: int = 0) -> UNet2DConditionModel:
+    """SD1.5 layout: cross-attention in all but the last level; SDXL: in all but the first."""
+    n = len(spec.block_out_channels)
+    if sdxl:
+        down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1)
+        up = ["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"]
+        extra = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=spec.addition_time_embed_dim,
+            # 6 micro-conditioning ids (original size, crop, target size) + pooled text
+            projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim + pooled_dim,
+            use_linear_projection=True,
+        )
+    else:
+        down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
+        up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)
+        extra = {}
+    return UNet2DConditionModel(
+        sample_size=spec.latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        norm_num_groups=math.gcd(32, *spec.block_out_channels),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=spec.attention_head_dim,
+        **extra,
+    )
+
+
+def _vae_kl(spec: TinySpec, scaling_factor: float) -> AutoencoderKL:
+    n = int(math.log2(spec.vae_downsample)) + 1  # each block but the last halves the size
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=(spec.vae_channels,) * n,
+        layers_per_block=1,
+        norm_num_groups=math.gcd(32, spec.vae_channels),
+        latent_channels=spec.latent_channels,
+        sample_size=spec.sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
+    tok, h = _clip_tokenizer(), spec.text_hidden
+    return StableDiffusionPipeline(
+        text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(_clip_config(spec, tok, h))),
+        unet=_seeded(spec.seed, 2, lambda: _unet(spec, sdxl=False, cross_dim=h)),
+        vae=_seeded(spec.seed, 3, lambda: _vae_kl(spec, scaling_factor=0.18215)),
+        tokenizer=tok,
+        scheduler=PNDMScheduler.from_config({**_SD_SCHEDULER, "skip_prk_steps": True}),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(spec: TinySpec) -> StableDiffusionXLPipeline:
+    tok, tok_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")  # real tokenizer_2 pads "!"
+    h1, h2 = spec.text_hidden, 2 * spec.text_hidden
+    cfg_1, cfg_2 = _clip_config(spec, tok, h1), _clip_config(spec, tok_2, h2, act="gelu")
+    return StableDiffusionXLPipeline(
+        text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(cfg_1)),
+        text_encoder_2=_seeded(spec.seed, 4, lambda: CLIPTextModelWithProjection(cfg_2)),
+        unet=_seeded(spec.seed, 2, lambda: _unet(spec, True, cross_dim=h1 + h2, pooled_dim=h2)),
+        vae=_seeded(spec.seed, 3, lambda: _vae_kl(spec, scaling_factor=0.13025)),
+        tokenizer=tok,
+        tokenizer_2=tok_2,
+        scheduler=EulerDiscreteScheduler.from_config(
+            {**_SD_SCHEDULER, "interpolation_type": "linear"}
+        ),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _gemma(spec: TinySpec, tok: GemmaTokenizer) -> Gemma2Model:
+    h = spec.text_hidden
+    cfg = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=h,
+        intermediate_size=2 * h,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=h // 2,
+        max_position_embeddings=_SANA_MAX_LEN,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return Gemma2Model(cfg)
+
+
+def _sana_transformer(spec: TinySpec) -> SanaTransformer2DModel:
+    return SanaTransformer2DModel(
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        num_attention_heads=spec.sana_heads,
+        attention_head_dim=spec.sana_head_dim,
+        num_layers=spec.sana_layers,
+        num_cross_attention_heads=spec.sana_heads,
+        cross_attention_head_dim=spec.sana_head_dim,
+        cross_attention_dim=spec.sana_heads * spec.sana_head_dim,
+        caption_channels=spec.text_hidden,
+        sample_size=spec.latent_size,  # latent size, as in the real config (32 for 1024 px)
+        patch_size=1,
+    )
+
+
+def _vae_dc(spec: TinySpec) -> AutoencoderDC:
+    n = int(math.log2(spec.vae_downsample)) + 1
+    width = math.lcm(spec.vae_channels, spec.latent_channels)  # shortcuts group channels
+    return AutoencoderDC(
+        latent_channels=spec.latent_channels,
+        attention_head_dim=8,
+        encoder_block_types="ResBlock",
+        decoder_block_types="ResBlock",
+        encoder_block_out_channels=(width,) * n,
+        decoder_block_out_channels=(width,) * n,
+        encoder_layers_per_block=(1,) * n,
+        decoder_layers_per_block=(1,) * n,
+        encoder_qkv_multiscales=((),) * n,
+        decoder_qkv_multiscales=((),) * n,
+        scaling_factor=0.41407,  # real SANA DC-AE f32c32
+    )
+
+
+def _build_sana(spec: TinySpec) -> SanaPipeline:
+    tok = _gemma_tokenizer()
+    return SanaPipeline(
+        tokenizer=tok,
+        text_encoder=_seeded(spec.seed, 1, lambda: _gemma(spec, tok)),
+        transformer=_seeded(spec.seed, 2, lambda: _sana_transformer(spec)),
+        vae=_seeded(spec.seed, 3, lambda: _vae_dc(spec)),
+        scheduler=DPMSolverMultistepScheduler(
+            flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True
+        ),
+    )
+
+
+_BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl, "sana": _build_sana}
+
+
+def build_tiny_pipeline(spec: TinySpec) -> DiffusionPipeline:
+    """Build the family's diffusers pipeline with tiny random weights (same seed, same weights)."""
+    return _BUILDERS[spec.family](spec)
+
+
+def save_tiny_teacher(spec: TinySpec, out_dir: Path) -> Path:
+    """Write a tiny teacher that ``DiffusionPipeline.from_pretrained(out_dir)`` reloads."""
+    out_dir = Path(out_dir)
+    build_tiny_pipeline(spec).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Test-only helpers (servers and builders) shared by the test suites."""
