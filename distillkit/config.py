@@ -143,6 +143,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.split("."), value
 
 
@@ -188,9 +193,14 @@ def _merge_card(data: dict, base_dir: Path) -> None:
 
 
 def format_validation_error(err: ValidationError) -> str:
+    from distillkit.registry import RECIPES
+
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        parts = [str(p) for p in item["loc"] if not str(p).startswith("function-")]
+        if len(parts) > 1 and parts[0] == "recipe" and parts[1] in RECIPES:
+            del parts[1]  # the union's tag: the user wrote recipe.x, not recipe.dmd2.x
+        loc = ".".join(p for p in parts if p != "[key]")
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; `distillkit validate` lists the sections)"

@@ -15,6 +15,7 @@ from distillkit.errors import ConfigError
 from distillkit.registry import get_family
 from distillkit.teachers.base import TeacherAdapter
 
+SMOKE_RESOLUTION = 32  # the tiny stand-in teachers run at 32 px: a whole --smoke in seconds
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -84,7 +85,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, smoke: bool = False) 
     family = get_family(cfg.family)
     dtype = resolve_dtype(cfg.dtype, device)
     if smoke:
-        resolution = min(cfg.resolution, 64)
+        resolution = SMOKE_RESOLUTION
         pipe = DiffusionPipeline.from_pretrained(
             tiny_teacher_dir(cfg.family, resolution), torch_dtype=dtype
         )

@@ -1,0 +1,256 @@
+"""`distillkit eval PIPELINE_DIR --benchmark digits`: score an exported pipeline on digits.
+
+The pipeline is prompted with the fixed digits prompts (`eval_prompts`), its images are judged
+by the cached digit judge and compared with the real held-out digits. Every number comes with
+the protocol that produced it (judge, split, seeds, steps, guidance, size), so results from
+different machines or runs can be told apart or matched.
+
+Heavy imports (torch, diffusers) happen inside functions: the CLI imports this module to
+register the subcommand and should stay fast for `distillkit --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distillkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from distillkit.data.digits import DigitsSplit
+    from distillkit.evaluation.judge import DigitJudge
+
+JUDGE_SEED = 0
+SPLIT_SEED = 0
+METRIC_KEYS = ("accuracy", "fd", "diversity", "precision", "mean_pairwise_ratio", "n")
+
+
+def default_judge_cache() -> Path:
+    from distillkit.teachers.load import cache_root
+
+    return cache_root() / "judge"
+
+
+def load_judge(judge_cache: Path | str | None = None) -> tuple[DigitJudge, DigitsSplit]:
+    """The benchmark's fixed judge and split (trained once, then read from the cache)."""
+    from distillkit.data.digits import load_digits_split
+    from distillkit.evaluation.judge import load_or_train_judge
+
+    split = load_digits_split(seed=SPLIT_SEED)
+    cache = Path(judge_cache) if judge_cache is not None else default_judge_cache()
+    return load_or_train_judge(cache, seed=JUDGE_SEED, split=split), split
+
+
+def evaluate_pipeline(
+    pipe: DiffusionPipeline,
+    *,
+    steps: int,
+    guidance: float,
+    judge: DigitJudge,
+    split: DigitsSplit,
+    per_class: int = 100,
+    seed: int = 0,
+    batch_size: int = 100,
+    resolution: int | None = None,
+    grid: Path | str | None = None,
+) -> dict[str, Any]:
+    """Scores of an already loaded pipeline (the harness reuses one load for many settings)."""
+    from distillkit.data.digits import eval_prompts
+    from distillkit.evaluation.generate import default_resolution, generate_images
+    from distillkit.evaluation.judge import DEFAULT_EPOCHS, JUDGE_VERSION
+    from distillkit.evaluation.metrics import digits_scores
+
+    pairs = eval_prompts(per_class)
+    prompts, labels = [p for p, _ in pairs], [label for _, label in pairs]
+    resolution = resolution or default_resolution(pipe)
+    images = generate_images(
+        pipe,
+        prompts,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        batch_size=batch_size,
+        resolution=resolution,
+    )
+    scores: dict[str, Any] = digits_scores(images, labels, judge, split.heldout_images)
+    scores["n"] = len(images)
+    if grid is not None:
+        save_grid(images, grid, labels=labels)
+    n_batches = math.ceil(len(prompts) / batch_size)
+    scores["protocol"] = {
+        "benchmark": "digits",
+        "judge_version": JUDGE_VERSION,
+        "judge_seed": JUDGE_SEED,
+        "judge_epochs": DEFAULT_EPOCHS,
+        "split_seed": split.seed,
+        "test_fraction": split.test_fraction,
+        "real_heldout": len(split.heldout_images),
+        "per_class": per_class,
+        "samples": len(images),
+        "seed": seed,
+        "batch_seeds": [seed + i for i in range(n_batches)],
+        "batch_size": batch_size,
+        "steps": steps,
+        "guidance": float(guidance),
+        "resolution": resolution,
+        "pipeline_class": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+    return scores
+
+
+def evaluate_digits(
+    pipeline_dir: Path | str,
+    *,
+    steps: int,
+    guidance: float,
+    per_class: int = 100,
+    seed: int = 0,
+    judge_cache: Path | str | None = None,
+    batch_size: int = 100,
+    resolution: int | None = None,
+    grid: Path | str | None = None,
+) -> dict[str, Any]:
+    """Load an exported pipeline dir and score it: metrics plus a `protocol` dict."""
+    from distillkit.evaluation.generate import load_pipeline
+
+    pipe = load_pipeline(pipeline_dir)
+    judge, split = load_judge(judge_cache)
+    scores = evaluate_pipeline(
+        pipe,
+        steps=steps,
+        guidance=guidance,
+        judge=judge,
+        split=split,
+        per_class=per_class,
+        seed=seed,
+        batch_size=batch_size,
+        resolution=resolution,
+        grid=grid,
+    )
+    scores["protocol"]["pipeline_dir"] = str(pipeline_dir)
+    return scores
+
+
+def _to_uint8(images: torch.Tensor):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounded like saving a PNG would."""
+    import torch
+
+    x = images.detach().float().cpu().clamp(-1, 1)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: Path | str,
+    rows: int = 10,
+    cols: int = 8,
+    *,
+    labels: list[int] | None = None,
+    pad: int = 2,
+) -> Path:
+    """PNG grid of `rows` x `cols` cells; with `labels`, row r shows the first images of class r.
+
+    Without labels, images fill the grid row by row. Missing cells stay black; `pad` grey pixels
+    separate cells. Size: (cols * W + (cols + 1) * pad, rows * H + (rows + 1) * pad).
+    """
+    from PIL import Image
+
+    pixels = _to_uint8(images).numpy()
+    h, w = pixels.shape[1:3]
+    if labels is not None:
+        by_row: list[list[int]] = [[] for _ in range(rows)]
+        for i, label in enumerate(labels):
+            if 0 <= int(label) < rows and len(by_row[int(label)]) < cols:
+                by_row[int(label)].append(i)
+        cells = [(r, c, i) for r, idx in enumerate(by_row) for c, i in enumerate(idx)]
+    else:
+        cells = [(i // cols, i % cols, i) for i in range(min(len(pixels), rows * cols))]
+    canvas = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), "gray")
+    for r in range(rows):
+        for c in range(cols):
+            x, y = pad + c * (w + pad), pad + r * (h + pad)
+            canvas.paste((0, 0, 0), (x, y, x + w, y + h))
+    for r, c, i in cells:
+        canvas.paste(Image.fromarray(pixels[i]), (pad + c * (w + pad), pad + r * (h + pad)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A short fixed-width table: one line per (name, scores)."""
+    header = f"{'':<12} {'accuracy':>9} {'fd':>9} {'diversity':>9} {'precision':>9} {'n':>6}"
+    lines = [header]
+    for name, s in rows:
+        lines.append(
+            f"{name:<12} {s['accuracy']:>9.3f} {s['fd']:>9.1f} {s['diversity']:>9.3f} "
+            f"{s['precision']:>9.3f} {int(s['n']):>6d}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
+    from distillkit.evaluation.generate import export_call_defaults
+
+    if args.benchmark != "digits":
+        raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
+    card = export_call_defaults(args.pipeline_dir)
+    steps = args.steps if args.steps is not None else card.get("num_inference_steps")
+    guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")
+    if steps is None or guidance is None:
+        raise ConfigError(
+            f"{args.pipeline_dir} has no distillkit model card saying how to call it; "
+            "pass --steps and --guidance (a teacher's card default_guidance, 0 for students)"
+        )
+    scores = evaluate_digits(
+        args.pipeline_dir,
+        steps=int(steps),
+        guidance=float(guidance),
+        per_class=args.per_class,
+        seed=args.seed,
+        judge_cache=getattr(args, "judge_cache", None),
+        grid=args.grid,
+    )
+    p = scores["protocol"]
+    print(
+        f"digits: {args.pipeline_dir} ({p['pipeline_class']}), steps={p['steps']}, "
+        f"guidance={p['guidance']:g}, {p['resolution']} px, {p['samples']} samples"
+    )
+    print(format_table([(f"{p['steps']}-step", scores)]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scores, indent=1) + "\n")
+        print(f"wrote {out}")
+    if args.grid:
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `distillkit eval` on the CLI's subparsers."""
+    p = subparsers.add_parser("eval", help="score an exported pipeline dir on a benchmark")
+    p.add_argument("pipeline_dir", help="a diffusers pipeline dir (e.g. runs/x/pipeline)")
+    p.add_argument("--benchmark", default="digits", choices=["digits"])
+    p.add_argument("--steps", type=int, default=None, help="default: the export's card")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the export's card (0 for students)"
+    )
+    p.add_argument("--per-class", type=int, default=100, help="samples per digit class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="FILE.json")
+    p.add_argument("--grid", default=None, metavar="FILE.png", help="10 classes x 8 samples")
+    p.add_argument("--judge-cache", default=None, help="default: $DISTILLKIT_CACHE/judge")
+    p.set_defaults(func=cmd_eval)
+    return p

@@ -1,0 +1,368 @@
+"""`make bench-quality`: every digits recipe x family, scored against its teacher.
+
+For each family: score the digits teacher at 1/2/4/25 steps (card guidance) plus a guidance
+sweep at 25 steps, train each `recipes/digits/<recipe>_<family>.yaml` with the real CLI, score
+its exported `pipeline/` (1 step, and its few-step setting), then write
+`results/digits.json`, `results/digits.md` (with the goal verdict) and sample grids.
+
+Everything is scored from exported pipeline directories only, with the fixed digits protocol.
+`--quick` swaps in tiny random teachers and `--smoke` training so the harness itself is testable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("sd15", "sdxl", "sana")
+TEACHER_STEPS = (1, 2, 4, 25)
+REF_STEPS = 25
+SWEEP = (1.0, 2.0, 4.0, 7.5)
+GOAL = {"accuracy_gap": 0.03, "fd_ratio": 1.25}
+KEEP = ("accuracy", "fd", "diversity", "precision", "mean_pairwise_ratio", "n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--recipes", nargs="+", default=None, help="recipe names (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny teachers, --smoke runs, 2/class")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: evaluation/results")
+    p.add_argument("--runs-dir", type=Path, default=None, help="default: runs/bench")
+    p.add_argument("--per-class", type=int, default=None, help="default: 100 (quick: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-cache", type=Path, default=None)
+    p.add_argument("--reuse-runs", action="store_true", help="score existing run exports")
+    p.add_argument(
+        "--student-pipeline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="score this exported pipeline dir as student NAME (no training); repeatable",
+    )
+    args = p.parse_args(argv)
+    quick_root = ROOT / "runs" / "bench_quick"
+    args.out_dir = args.out_dir or (
+        quick_root / "results" if args.quick else ROOT / "evaluation/results"
+    )
+    args.runs_dir = args.runs_dir or (quick_root if args.quick else ROOT / "runs" / "bench")
+    args.per_class = args.per_class or (2 if args.quick else 100)
+    args.sweep = (1.0,) if args.quick else SWEEP
+    return args
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def git_commit() -> str:
+    """HEAD, marked -dirty when the work tree has changes (read-only git calls)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def teacher_card(family: str) -> dict:
+    path = ROOT / "teachers" / "digits" / f"{family}.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def teacher_dir(family: str, quick: bool) -> Path:
+    """Tiny random teacher (--quick) or the trained/cached digits teacher of the family."""
+    if quick:
+        from distillkit.teachers.load import tiny_teacher_dir  # caches save_tiny_teacher
+
+        return tiny_teacher_dir(family, 32)
+    try:
+        from distillkit.benchmark.teachers import digits_teacher_dir
+    except ImportError as err:
+        raise SystemExit(
+            "bench-quality needs distillkit.benchmark.teachers.digits_teacher_dir(family) to "
+            f"train or reuse the digits teachers, and it cannot be imported ({err}). "
+            "Use --quick to test the harness on tiny random teachers."
+        ) from None
+    return Path(digits_teacher_dir(family))
+
+
+def _rel(path: Path) -> str:
+    """Repo-relative when inside the repo, so committed results hold no machine paths."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def common(args) -> dict:
+    return dict(judge=args.judge, split=args.split, per_class=args.per_class, seed=args.seed)
+
+
+def pick(scores: dict) -> dict:
+    out = {k: scores[k] for k in KEEP}
+    out.update(guidance=scores["protocol"]["guidance"], resolution=scores["protocol"]["resolution"])
+    return out
+
+
+def score_teacher(family: str, args, grids: Path) -> tuple[dict, dict]:
+    """Scores by step count at the card guidance, and the 25-step guidance sweep."""
+    from distillkit.evaluation.digits_eval import evaluate_pipeline
+    from distillkit.evaluation.generate import load_pipeline
+
+    guidance = float(teacher_card(family).get("default_guidance", 2.0 if args.quick else -1))
+    if guidance < 0:
+        raise SystemExit(f"teachers/digits/{family}.yaml has no default_guidance")
+    pipe = load_pipeline(teacher_dir(family, args.quick))
+    by_steps = {}
+    for steps in TEACHER_STEPS:
+        grid = grids / f"{family}_teacher{steps}.png" if steps in (1, REF_STEPS) else None
+        s = evaluate_pipeline(pipe, steps=steps, guidance=guidance, grid=grid, **common(args))
+        by_steps[str(steps)] = pick(s)
+        print(f"[{family}] teacher {steps:>2} steps: acc {s['accuracy']:.3f}  fd {s['fd']:.1f}")
+    sweep = {f"{guidance:g}": by_steps[str(REF_STEPS)]}
+    for g in sorted(set(args.sweep) - {guidance}):
+        sweep[f"{g:g}"] = pick(evaluate_pipeline(pipe, steps=REF_STEPS, guidance=g, **common(args)))
+    best = max(sweep, key=lambda g: (sweep[g]["accuracy"], -sweep[g]["fd"]))
+    return by_steps, {"default": f"{guidance:g}", "best": best, "scores": sweep}
+
+
+def recorded_train_seconds(run_dir: Path) -> float | None:
+    for name in ("summary.json", "run.json", "export.json", "bench_train.json"):
+        path = run_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("train_seconds")
+            if value is not None:
+                return float(value)
+    return None
+
+
+def train_student(config: Path, run_dir: Path, args) -> tuple[Path, float | None]:
+    """`distillkit run CONFIG output_dir=RUN_DIR` in a subprocess, timed by wall clock."""
+    pipeline = run_dir / "pipeline"
+    if args.reuse_runs and (pipeline / "model_index.json").is_file():
+        return pipeline, recorded_train_seconds(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "distillkit.cli", "run", str(config), f"output_dir={run_dir}"]
+    cmd += ["--smoke"] if args.quick else []
+    print("+ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"`distillkit run {config.name}` exited with {proc.returncode}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "bench_train.json").write_text(json.dumps({"train_seconds": wall, "cmd": cmd}))
+    return pipeline, recorded_train_seconds(run_dir)
+
+
+def student_jobs(family: str, args) -> list[dict]:
+    """(name, config, steps) for each student: given pipelines, or recipes/digits YAMLs."""
+    if args.student_pipeline:
+        jobs = []
+        for item in args.student_pipeline:
+            name, _, path = item.partition("=")
+            jobs.append({"recipe": name, "pipeline": Path(path), "config": None})
+        return jobs
+    from distillkit.config import load_config
+
+    jobs = []
+    for config in sorted((ROOT / "recipes" / "digits").glob(f"*_{family}.yaml")):
+        recipe = config.stem[: -len(family) - 1]
+        if args.recipes and recipe not in args.recipes:
+            continue
+        k = int(getattr(load_config(config).recipe, "generator_steps", 1))
+        jobs.append({"recipe": recipe, "config": config, "steps": sorted({1, k})})
+    return jobs
+
+
+def score_students(family: str, args, grids: Path) -> list[dict]:
+    from distillkit.evaluation.digits_eval import evaluate_pipeline
+    from distillkit.evaluation.generate import export_call_defaults, load_pipeline
+
+    rows = []
+    for job in student_jobs(family, args):
+        recipe, config, seconds = job["recipe"], job["config"], None
+        rel = _rel(config) if config else None
+        try:
+            if config is not None:
+                run_dir = args.runs_dir / config.stem
+                job["pipeline"], seconds = train_student(config, run_dir, args)
+            card = export_call_defaults(job["pipeline"])
+            steps = job.get("steps") or sorted({1, int(card.get("num_inference_steps", 1))})
+            pipe = load_pipeline(job["pipeline"])
+        except Exception as err:  # a failed recipe is reported; the others still run
+            print(f"[{family}] {recipe}: FAILED: {err}", flush=True)
+            rows.append({"recipe": recipe, "family": family, "config": rel, "error": str(err)})
+            continue
+        for k in steps:
+            grid = grids / f"{family}_{recipe}_student{k}.png" if k == 1 else None
+            guidance = float(card.get("guidance_scale", 0.0))
+            s = evaluate_pipeline(pipe, steps=k, guidance=guidance, grid=grid, **common(args))
+            row = {"recipe": recipe, "family": family, "steps": k, **pick(s)}
+            row.update(train_seconds=seconds, config=rel, pipeline=_rel(job["pipeline"]))
+            rows.append(row)
+            print(f"[{family}] {recipe} {k} step: acc {s['accuracy']:.3f}  fd {s['fd']:.1f}")
+    return rows
+
+
+def goal_verdict(student: dict, ref: dict) -> tuple[bool, str]:
+    """Goal: 1-step accuracy >= teacher(25) - 0.03 and FD <= 1.25 x teacher(25) FD."""
+    min_acc = ref["accuracy"] - GOAL["accuracy_gap"]
+    max_fd = ref["fd"] * GOAL["fd_ratio"]
+    fails = []
+    if student["accuracy"] < min_acc:
+        fails.append(f"acc {student['accuracy']:.3f} < {min_acc:.3f}")
+    if student["fd"] > max_fd:
+        fails.append(f"FD {student['fd']:.1f} > {max_fd:.1f}")
+    return not fails, "pass" if not fails else "FAIL (" + "; ".join(fails) + ")"
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def render_markdown(results: dict) -> str:
+    """Teachers x steps, then students with the goal verdict on their 1-step rows."""
+    cell = "acc {accuracy:.3f} / FD {fd:.1f} / div {diversity:.2f}".format
+    steps = [str(s) for s in TEACHER_STEPS]
+    m, proto = results["machine"], results["protocol"]
+    head = ["family", "guidance", *(f"{s} steps" for s in steps), f"best guidance @{REF_STEPS}"]
+    lines = [
+        "# Digits benchmark",
+        f"`{results['command']}` at commit `{results['commit']}` on {m['platform']} "
+        f"({m['cpu_count']} CPUs, {m['device']}); {proto['samples']} samples per setting.",
+        f"Goal: student 1-step accuracy >= teacher({REF_STEPS}) - {GOAL['accuracy_gap']} and "
+        f"FD <= {GOAL['fd_ratio']} x teacher({REF_STEPS}) FD.",
+        "",
+        "## Teachers (card guidance)",
+        _row(head),
+        _row(["---"] * len(head)),
+    ]
+    for fam, by in results["teachers"].items():
+        sw = results["teacher_guidance_sweep"][fam]
+        best = f"{sw['best']}: {cell(**sw['scores'][sw['best']])}"
+        lines.append(_row([fam, sw["default"], *(cell(**by[s]) for s in steps), best]))
+    head = ["recipe", "family", "steps", "accuracy", "FD", "diversity", "train s", "goal"]
+    lines += ["", "## Students (guidance from the export)", _row(head), _row(["---"] * 8)]
+    for r in results["students"]:
+        if "error" in r:
+            fail = f"FAIL (run failed: {r['error'][:80]})"
+            lines.append(_row([r["recipe"], r["family"], "-", "-", "-", "-", "-", fail]))
+            continue
+        ref = results["teachers"][r["family"]][str(REF_STEPS)]
+        verdict = goal_verdict(r, ref)[1] if r["steps"] == 1 else ""
+        secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        cells = [r["recipe"], r["family"], r["steps"], f"{r['accuracy']:.3f}", f"{r['fd']:.1f}"]
+        lines.append(_row([*cells, f"{r['diversity']:.2f}", secs, verdict]))
+    return "\n".join(lines) + "\n"
+
+
+def combined_grid(family: str, grids: Path) -> Path | None:
+    """Teacher 25 | teacher 1 | each student 1, side by side with captions."""
+    from PIL import Image, ImageDraw
+
+    paths = [grids / f"{family}_teacher{REF_STEPS}.png", grids / f"{family}_teacher1.png"]
+    paths += sorted(p for p in grids.glob(f"{family}_*_student1.png"))
+    images = [(p, Image.open(p).convert("RGB")) for p in paths if p.is_file()]
+    if not images:
+        return None
+    top, gap = 14, 6
+    width = sum(im.width for _, im in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (width, top + max(im.height for _, im in images)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for path, im in images:
+        canvas.paste(im, (x, top))
+        draw.text((x + 2, 1), path.stem.removeprefix(f"{family}_"), fill="black")
+        x += im.width + gap
+    out = grids / f"{family}_combined.png"
+    canvas.save(out)
+    return out
+
+
+def protocol(args) -> dict:
+    from distillkit.data.digits import NUM_CLASSES
+    from distillkit.evaluation.digits_eval import JUDGE_SEED
+    from distillkit.evaluation.judge import DEFAULT_EPOCHS, JUDGE_VERSION
+
+    return {
+        "benchmark": "digits",
+        "judge_version": JUDGE_VERSION,
+        "judge_seed": JUDGE_SEED,
+        "judge_epochs": DEFAULT_EPOCHS,
+        "split_seed": args.split.seed,
+        "test_fraction": args.split.test_fraction,
+        "per_class": args.per_class,
+        "samples": NUM_CLASSES * args.per_class,
+        "seed": args.seed,
+        "teacher_steps": list(TEACHER_STEPS),
+        "reference_steps": REF_STEPS,
+        "guidance_sweep": list(args.sweep),
+        "student_guidance": "from the export's model card (0 for distilled students)",
+        "goal": GOAL,
+        "quick": args.quick,
+    }
+
+
+def write_results(results: dict, out_dir: Path) -> None:
+    """Written after every family, so a crash late in a long run keeps what was scored."""
+    for row in results["students"]:
+        if row.get("steps") == 1 and row["family"] in results["teachers"]:
+            ref = results["teachers"][row["family"]][str(REF_STEPS)]
+            row["goal_pass"] = goal_verdict(row, ref)[0]
+    (out_dir / "digits.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "digits.md").write_text(render_markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from distillkit.cli import quiet_libraries
+    from distillkit.evaluation.digits_eval import load_judge
+
+    quiet_libraries()
+    grids = args.out_dir / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    args.judge, args.split = load_judge(args.judge_cache)
+    results: dict = {
+        "machine": machine_info(),
+        "commit": git_commit(),
+        "command": "make bench-quality" + (" (--quick)" if args.quick else ""),
+        "protocol": protocol(args),
+        "teachers": {},
+        "teacher_guidance_sweep": {},
+        "students": [],
+    }
+    for family in args.families:
+        by_steps, sweep = score_teacher(family, args, grids)
+        results["teachers"][family] = by_steps
+        results["teacher_guidance_sweep"][family] = sweep
+        results["students"] += score_students(family, args, grids)
+        combined_grid(family, grids)
+        write_results(results, args.out_dir)
+    print(f"wrote {args.out_dir / 'digits.json'} and {args.out_dir / 'digits.md'}")
+    return 1 if any("error" in r for r in results["students"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated cache for tiny teachers, offline Hub, tiny adapters per family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("sd15", "sdxl", "sana")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory):
+    """No test reaches the network or writes to the user's caches (subprocesses inherit this)."""
+    cache = tmp_path_factory.mktemp("distillkit-cache")
+    saved = {k: os.environ.get(k) for k in ("DISTILLKIT_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")}
+    os.environ["DISTILLKIT_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    torch.set_num_threads(2)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter():
+    """Factory: the family adapter around a tiny random teacher loaded from disk (cached)."""
+    from distillkit.config import TeacherConfig
+    from distillkit.teachers.load import load_teacher
+
+    built = {}
+
+    def make(family: str, resolution: int = 32):
+        key = (family, resolution)
+        if key not in built:
+            cfg = TeacherConfig(model_id="tiny", family=family, resolution=resolution)
+            built[key] = load_teacher(cfg, torch.device("cpu"), smoke=True)
+        return built[key]
+
+    return make

@@ -1,0 +1,99 @@
+"""Each family's adapter: conditioning, parameterization round trips, guidance, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from distillkit.export import VERIFY_PROMPT, _fixed_noise, pipeline_one_step
+
+FAMILIES = ("sd15", "sdxl", "sana")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_shapes_and_cache(family, tiny_adapter):
+    adapter = tiny_adapter(family)
+    cond = adapter.encode(["a cat", "a dog", "a cat"])
+    hidden = cond.cond["encoder_hidden_states"]
+    assert hidden.shape[0] == 3 and hidden.dtype == torch.float32
+    torch.testing.assert_close(hidden[0], hidden[2])
+    assert not torch.equal(hidden[0], hidden[1])
+    assert cond.uncond["encoder_hidden_states"].shape == hidden.shape
+    if family == "sdxl":
+        assert cond.cond["added_cond_kwargs"]["time_ids"].shape == (3, 6)
+    if family == "sana":
+        assert cond.cond["encoder_attention_mask"].shape[:1] == (3,)
+    # the cache answers repeated prompts with identical tensors
+    again = adapter.encode(["a dog"]).cond["encoder_hidden_states"]
+    torch.testing.assert_close(again[0], hidden[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_round_trip(family, tiny_adapter):
+    """Feeding the exact training target as network output recovers x0 and eps."""
+    adapter = tiny_adapter(family)
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, *adapter.latent_shape())
+    x0, eps = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    t = adapter.sample_t(4, gen, 0.05, 0.95)
+    x_t = adapter.add_noise(x0, eps, t)
+    out = adapter.target(x0, eps, t)
+    torch.testing.assert_close(adapter.to_x0(out, x_t, t), x0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(adapter.to_eps(out, x_t, t), eps, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_guidance_is_linear_in_the_output(family, tiny_adapter):
+    adapter = tiny_adapter(family)
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.randn((2, *adapter.latent_shape()), generator=gen)
+    t = adapter.sample_t(2, gen, 0.2, 0.8)
+    cond = adapter.encode(["a cat", "a dog"])
+    net = adapter.denoiser
+    with torch.no_grad():
+        out_c = adapter.forward(net, x_t, t, cond.cond)
+        out_u = adapter.forward(net, x_t, t, cond.uncond)
+        guided = adapter.predict(net, x_t, t, cond, guidance=4.0)
+        plain = adapter.predict(net, x_t, t, cond, guidance=1.0)
+    torch.testing.assert_close(guided, out_u + 4.0 * (out_c - out_u), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain, out_c)
+    assert not torch.allclose(out_c, out_u)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_generation_matches_the_pipeline(family, tiny_adapter):
+    """adapter.generate(steps=1) is what the exported pipeline computes in one step."""
+    adapter = tiny_adapter(family)
+    timesteps = adapter.generator_timesteps(1)
+    assert timesteps.tolist() == [adapter.schedule.t_max]
+    assert len(adapter.generator_timesteps(4)) == 4
+    noise = _fixed_noise(adapter)
+    with torch.no_grad():
+        ours = adapter.generate(adapter.denoiser, noise, adapter.encode([VERIFY_PROMPT]), steps=1)
+    pipe = adapter.pipeline_for_export(adapter.denoiser)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipeline_one_step(pipe, adapter, noise)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert isinstance(pipe, DiffusionPipeline)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vae_round_trip_shapes(family, tiny_adapter):
+    adapter = tiny_adapter(family)
+    images = torch.rand(2, 3, adapter.resolution, adapter.resolution) * 2 - 1
+    latents = adapter.encode_images(images)
+    assert latents.shape == (2, *adapter.latent_shape())
+    decoded = adapter.decode_latents(latents)
+    assert decoded.shape == images.shape and decoded.abs().max() <= 1
+
+
+def test_resolution_must_divide_by_vae_factor():
+    from distillkit.config import TeacherConfig
+    from distillkit.errors import ConfigError
+    from distillkit.teachers.load import load_teacher, tiny_teacher_dir
+
+    local = str(tiny_teacher_dir("sd15", 32))
+    cfg = TeacherConfig(model_id=local, family="sd15", resolution=36)
+    with pytest.raises(ConfigError, match="divisible by the VAE"):
+        load_teacher(cfg, torch.device("cpu"))

@@ -1,0 +1,123 @@
+"""Config: every shipped YAML validates; bad input exits 2 naming the field, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillkit.cli import main
+from distillkit.config import load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_shipped_recipes():
+    names = {p.name for p in SHIPPED}
+    assert {"dmd2_sd15.yaml", "dmd2_sdxl.yaml", "dmd2_sana.yaml", "dmd2_sdxl_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_yaml_validates(path):
+    cfg = load_config(path)
+    cfg.teacher.require()
+    assert cfg.teacher.family in path.stem or "digits" in str(path)
+
+
+def test_teacher_cards_pin_a_revision():
+    for card in (REPO / "teachers").glob("*.yaml"):
+        data = yaml.safe_load(card.read_text())
+        assert data["model_id"] and data["family"] in ("sd15", "sdxl", "sana")
+        assert len(str(data["revision"])) == 40, f"{card} should pin a commit"
+
+
+def test_overrides_are_typed():
+    assert parse_override("train.max_steps=7") == (["train", "max_steps"], 7)
+    assert parse_override("recipe.lr.generator=1e-5") == (["recipe", "lr", "generator"], 1e-5)
+    assert parse_override("data.prompts=null") == (["data", "prompts"], None)
+    cfg = load_config(
+        REPO / "recipes/dmd2_sd15.yaml", ["train.max_steps=7", "recipe.lr.generator=3e-6"]
+    )
+    assert cfg.train.max_steps == 7 and cfg.recipe.lr["generator"] == 3e-6
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+output_dir: {out}
+teacher: {{model_id: x, family: sd15, resolution: 64}}
+recipe: {{name: dmd2}}
+"""
+
+BAD_OVERRIDES = [
+    (["trian.max_steps=3"], "trian"),
+    (["train.max_steps=zero"], "train.max_steps"),
+    (["train.max_steps=0"], "train.max_steps"),
+    (["train.batch_size=-1"], "train.batch_size"),
+    (["recipe.name=dmd9"], "recipe"),
+    (["recipe.real_guidance_scale=-2"], "recipe.real_guidance_scale"),
+    (["recipe.max_t=1.5"], "recipe.max_t"),
+    (["recipe.lr.generatr=1e-5"], "recipe.lr"),
+    (["student.type=half"], "student.type"),
+    (["student.lora.rank=0"], "student.lora.rank"),
+    (["teacher.family=sd3"], "teacher.family"),
+    (["teacher.resolution=4"], "teacher.resolution"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+    (["train.attention=flash"], "train.attention"),
+    (["logging.backends=[mlflow]"], "logging.backends"),
+    (["export.tolerance=0"], "export.tolerance"),
+    (["train"], "key.sub=value"),
+    (["train.max_steps.x=1"], "train.max_steps"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "named"), BAD_OVERRIDES, ids=lambda v: str(v))
+def test_bad_values_exit_2_and_name_the_field(tmp_path, capsys, overrides, named):
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    code = main(["validate", path, *[a for o in overrides for a in ("--set", o)]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert named in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("teacher: [1, 2]\nrecipe: {name: dmd2}\n", "teacher"),
+        ("recipe: {name: dmd2}\n", "teacher"),
+        ("teacher: {card: nope.yaml}\nrecipe: {name: dmd2}\n", "nope.yaml"),
+        ("- just a list\n", "mapping"),
+        ("teacher: {model_id: x, family: sd15, resolution: 64\n", "not valid YAML"),
+        (BASE.format(out="o") + "surprise: 1\n", "surprise"),
+    ],
+)
+def test_bad_files_exit_2(tmp_path, capsys, text, named):
+    code = main(["validate", _write(tmp_path, text)])
+    assert code == 2 and named in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    assert main(["validate", "does/not/exist.yaml"]) == 2
+    assert "does/not/exist.yaml" in capsys.readouterr().err
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    path = _write(tmp_path, BASE.format(out=tmp_path / "out"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "distillkit.cli", "run", path, "--smoke", "train.max_steps=-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
