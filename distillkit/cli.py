@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint dir name (default: latest)")
     p.set_defaults(func=cmd_export)
 
+    from distillkit.evaluation.digits_eval import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("push", help="upload an exported run to the Hugging Face Hub")
     p.add_argument("output_dir")
     p.add_argument("--repo-id", required=True)
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_libraries() -> None:
     """Keep the terminal for our progress bar and messages; library chatter goes to warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that spin while waiting slow small CPU ops many-fold on a busy machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import warnings
 
     from diffusers.utils import logging as diffusers_logging

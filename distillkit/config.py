@@ -6,11 +6,12 @@ edit it before validation, so a typo anywhere fails at start with the field's pa
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distillkit.errors import ConfigError
 from distillkit.registry import recipe_config_union
@@ -86,8 +87,19 @@ class TrainConfig(Strict):
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
     checkpoint_every: int = Field(500, ge=1)
     checkpoints_keep: int = Field(2, ge=1)
+    nan_policy: Literal["skip", "rollback", "stop"] = Field(
+        "skip", description="on a NaN/Inf loss or gradient: skip the update, roll back, or stop"
+    )
+    nan_max_skips: int = Field(10, ge=1, description="consecutive skipped steps before stopping")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1)
 
 
 class ExportConfig(Strict):
@@ -144,10 +156,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; users mean a number
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.split("."), value
 
 

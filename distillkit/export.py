@@ -7,6 +7,7 @@ with the training-time one-step output; only then do they replace ``pipeline/`` 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from distillkit.teachers.base import TeacherAdapter
 
 VERIFY_PROMPT = "a handwritten digit seven"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EXPORT_META = "distillkit.json"  # machine-readable call settings next to the model card
 
 
 @dataclass
@@ -83,6 +85,7 @@ def export_student(
     tolerance: float = 1e-4,
     lora_file: bool = True,
     write_card=None,
+    metadata: dict | None = None,
 ) -> ExportReport:
     """Write ``output_dir/pipeline`` (+ ``output_dir/lora``) after checking them on reload."""
     generator = getattr(generator, "module", generator)
@@ -96,6 +99,8 @@ def export_student(
     try:
         pipe = teacher.pipeline_for_export(merged)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        call = {"num_inference_steps": steps, "guidance_scale": 0.0, **(metadata or {})}
+        (tmp / EXPORT_META).write_text(json.dumps(call, indent=1))
         pipe_diff = lora_diff = None
         if verify:
             reloaded = DiffusionPipeline.from_pretrained(tmp, torch_dtype=teacher.dtype)

@@ -10,7 +10,6 @@ embeddings already differ per prompt, and the pipeline's own ``encode_prompt`` s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torch import Tensor
 
-from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
+from distillkit.data.digits import PROMPT_TEMPLATES, eval_prompts, load_digits_split, prompt_for
 from distillkit.registry import get_family
 from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_map
 from distillkit.teachers.load import cache_root
@@ -54,6 +53,7 @@ class TeacherSpec:
     prompt_dropout: float = 0.1  # share of empty-prompt samples, for classifier-free guidance
     flow_shift: float | None = None  # SANA: replaces the scheduler's flow_shift (None keeps it)
     default_guidance: float = 3.0  # best guidance measured at 25 steps (teacher card value)
+    train_text: bool = False  # train the text encoders jointly (else random and frozen)
     seed: int = 0
 
     @property
@@ -158,13 +158,30 @@ def _mix(cond: Conditioning, drop: Tensor) -> dict:
     return walk(cond.cond, cond.uncond)
 
 
+def _text_encoders(adapter: TeacherAdapter) -> list[torch.nn.Module]:
+    comps = adapter.pipe.components
+    return [m for k, m in comps.items() if k.startswith("text_encoder") and m is not None]
+
+
+def _conditioning(adapter: TeacherAdapter, prompts: list[str], trainable: bool) -> Conditioning:
+    """adapter.encode (cached, frozen) or, when the encoders train, each unique prompt once."""
+    if not trainable:
+        return adapter.encode(prompts)
+    unique = list(dict.fromkeys(prompts))
+    cond, uncond = adapter.encode_prompts(unique)
+    index = torch.tensor([unique.index(p) for p in prompts])
+    return Conditioning(tree_map(lambda t: t[index], cond), tree_map(lambda t: t[index], uncond))
+
+
 def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> dict:
     """Standard diffusion loss in the adapter's own parameterization, with EMA weights."""
     net = adapter.denoiser
     latents = torch.cat([adapter.encode_images(b) for b in split.train_images.split(256)])
     labels = split.train_labels
-    net.requires_grad_(True).train()
-    params = [p for p in net.parameters() if p.requires_grad]
+    modules = [net, *(_text_encoders(adapter) if spec.train_text else [])]
+    for m in modules:
+        m.requires_grad_(True).train()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup, spec.steps)
     ema = EMAModel(params, decay=spec.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -174,7 +191,7 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
         idx = torch.randint(0, len(latents), (spec.batch_size,), generator=gen)
         prompts = [prompt_for(int(y), rng.randrange(len(PROMPT_TEMPLATES))) for y in labels[idx]]
         drop = torch.rand(spec.batch_size, generator=gen) < spec.prompt_dropout
-        kwargs = _mix(adapter.encode(prompts), drop)
+        kwargs = _mix(_conditioning(adapter, prompts, spec.train_text), drop)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = adapter.sample_t(spec.batch_size, gen)
@@ -190,7 +207,8 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
         if step % 250 == 0:
             _log(f"denoiser step {step}/{spec.steps} loss {_tail(losses):.4f}")
     ema.copy_to(params)
-    net.requires_grad_(False).eval()
+    for m in modules:
+        m.requires_grad_(False).eval()
     return {"loss_first": _tail(losses[:50]), "loss_final": _tail(losses)}
 
 
@@ -243,3 +261,25 @@ def digits_teacher_dir(family: str, *, quick: bool = False) -> Path:
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _call_kwargs(adapter: TeacherAdapter) -> dict:
+    return {"height": RESOLUTION, "width": RESOLUTION, **adapter.pipeline_call_kwargs()}
+
+
+@torch.no_grad()
+def sample_digits(
+    adapter: TeacherAdapter, steps: int, guidance: float, per_class: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Images in [-1, 1] for ``eval_prompts(per_class)``; sample i always uses seed + i."""
+    prompts = eval_prompts(per_class)
+    images = []
+    for start in range(0, len(prompts), 200):
+        chunk = prompts[start : start + 200]
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = adapter.pipe(
+            [p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+            generator=gens, output_type="pt", **_call_kwargs(adapter),
+        ).images  # fmt: skip
+        images.append(out.float() * 2 - 1)
+    return torch.cat(images), torch.tensor([y for _, y in prompts])

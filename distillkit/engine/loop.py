@@ -23,16 +23,25 @@ from diffusers.training_utils import EMAModel
 
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
+from distillkit.engine.guards import (
+    RunLock,
+    TrainingDiverged,
+    all_finite,
+    check_runtime,
+    fault_active,
+    fault_point,
+    prepare_output_dir,
+    use_xformers,
+)
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
-from distillkit.errors import ConfigError
 from distillkit.export import ExportReport, export_student
 from distillkit.hub import CardInfo, write_model_card
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.registry import get_recipe
 from distillkit.students import trainable_parameters
 from distillkit.teachers.base import TeacherAdapter
-from distillkit.teachers.load import load_teacher
+from distillkit.teachers.load import SMOKE_RESOLUTION, load_teacher
 
 
 @dataclass
@@ -49,68 +58,22 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def check_runtime(cfg: RunConfig) -> None:
-    """GPU-only options fail here with the field name, before any weights are loaded."""
-    cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not cuda:
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a CUDA device; on CPU use 'no' or 'bf16'"
-        )
-    if cfg.train.attention == "xformers":
-        if not cuda:
-            raise ConfigError(
-                "train.attention=xformers needs a CUDA device; use train.attention=sdpa (or auto)"
-            )
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "train.attention=xformers but xformers is not installed: "
-                "pip install 'distillkit[gpu]', or use train.attention=sdpa"
-            ) from None
-
-
-def use_xformers(cfg: RunConfig) -> bool:
-    if cfg.train.attention == "sdpa" or not torch.cuda.is_available():
-        return False
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def prepare_output_dir(path: Path, resume: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir: {path} is a file; choose a directory path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror})") from None
-    if not resume and CheckpointDir(path / "checkpoints", 1).candidates():
-        raise ConfigError(
-            f"output_dir: {path} already holds checkpoints of a run; pass --resume to continue "
-            "it, or choose another output_dir"
-        )
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> None:
-        check_runtime(cfg)
+    def __init__(
+        self, cfg: RunConfig, accelerator: Accelerator, *, smoke: bool = False, resume: bool = False
+    ) -> None:
         self.cfg, self.smoke, self.resume = cfg, smoke, resume
         self.output_dir = Path(cfg.output_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-        if self.accelerator.is_main_process:
-            prepare_output_dir(self.output_dir, resume)
-        set_seed(cfg.train.seed)
-        self.teacher: TeacherAdapter = load_teacher(cfg.teacher, self.accelerator.device, smoke)
-        self.recipe: Recipe = get_recipe(cfg.recipe.name)(cfg, self.teacher)
+        self.accelerator = accelerator
+        recipe_class = get_recipe(cfg.recipe.name)
+        resolution = SMOKE_RESOLUTION if smoke else cfg.teacher.resolution
+        # data files are checked before the (possibly many-GB) teacher is loaded
         self.data = load_train_data(
-            cfg.data, self.teacher.resolution, smoke, need_images=self.recipe.needs_images
+            cfg.data, resolution, smoke, need_images=recipe_class.needs_images(cfg.recipe)
         )
+        set_seed(cfg.train.seed)
+        self.teacher: TeacherAdapter = load_teacher(cfg.teacher, accelerator.device, smoke)
+        self.recipe: Recipe = recipe_class(cfg, self.teacher)
         if use_xformers(cfg):
             self.teacher.denoiser.enable_xformers_memory_efficient_attention()
             for module in self.recipe.roles.values():
@@ -123,6 +86,7 @@ class Trainer:
             self.output_dir / "checkpoints", cfg.train.checkpoints_keep
         )
         self.start_step = 0
+        self.lr_scale = 1.0
 
     # ------------------------------------------------------------------ setup
     def _build_optimisation(self) -> None:
@@ -170,24 +134,31 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
-        tmp = self.checkpoints.staging(step) if acc.is_main_process else None
+        params = [p for ps in self.params.values() for p in ps]
+        if not all_finite(params):
+            raise TrainingDiverged(
+                f"step {step}: trainable weights are not finite; no checkpoint was written"
+            )
+        if acc.is_main_process:
+            self.checkpoints.staging(step)
         acc.wait_for_everyone()
         tmp = self.checkpoints.root / f".tmp-step-{step:07d}"
         acc.save_state(str(tmp))
+        fault_point(f"checkpoint-write-{step}")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.checkpoints.commit(tmp, step, {"step": step, "recipe": self.cfg.recipe.name})
         acc.wait_for_everyone()
 
-    def try_resume(self) -> None:
+    def load_latest(self) -> bool:
         found = self.checkpoints.latest_good(warn=self.accelerator.print)
         if found is None:
-            self.accelerator.print("--resume: no checkpoint found, starting from step 0")
-            return
+            return False
         path, meta = found
         self.accelerator.load_state(str(path))
         self.start_step = int(meta["step"])
         self.accelerator.print(f"resumed from {path.name} (step {self.start_step})")
+        return True
 
     # ------------------------------------------------------------------ the loop
     def micro_batches(self, step: int) -> list[tuple]:
@@ -198,43 +169,76 @@ class Trainer:
             out.append(self.data.batch(slot, cfg.batch_size, cfg.seed, self.cfg.data.shuffle))
         return out
 
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
+        """One step of every scheduled role; None when a non-finite gradient skipped it."""
         acc, cfg = self.accelerator, self.cfg.train
         micro = self.micro_batches(step)
         scratch: list[dict] = [{} for _ in micro]
         logs: dict[str, torch.Tensor] = {}
         roles = self.recipe.schedule(step)
-        for role_index, role in enumerate(roles):
-            for name, params in self.params.items():
+        try:
+            for role_index, role in enumerate(roles):
+                for name, params in self.params.items():
+                    for p in params:
+                        p.requires_grad_(name == role)
+                module, opt = self.recipe.roles[role], self.optimizers[role]
+                opt.zero_grad(set_to_none=True)
+                for m, (prompts, images, captions) in enumerate(micro):
+                    gen = step_generator(cfg.seed, step, m, acc.process_index, role_index)
+                    batch = Batch(prompts, images, captions, gen, scratch[m])
+                    sync = m == len(micro) - 1
+                    ctx = contextlib.nullcontext() if sync else acc.no_sync(module)
+                    with ctx, acc.autocast():
+                        loss, parts = self.recipe.loss(role, batch, step)
+                        if fault_active(f"nan-step-{step}"):
+                            loss = loss * float("nan")
+                        acc.backward(loss / len(micro))
+                    for key, value in {"loss": loss.detach(), **parts}.items():
+                        logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
+                grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
+                # the NaN guard: one host sync per update, the price of never stepping on NaN
+                if not torch.isfinite(grad_norm):
+                    opt.zero_grad(set_to_none=True)
+                    return None
+                logs[f"{role}/grad_norm"] = grad_norm.detach()
+                opt.step()
+                self.schedulers[role].step()
+                if role == self.recipe.generator_role and self.ema is not None:
+                    self.ema.step(self.params[role])
+        finally:
+            for params in self.params.values():
                 for p in params:
-                    p.requires_grad_(name == role)
-            module, opt = self.recipe.roles[role], self.optimizers[role]
-            opt.zero_grad(set_to_none=True)
-            for m, (prompts, images, captions) in enumerate(micro):
-                gen = step_generator(cfg.seed, step, m, acc.process_index, role_index)
-                batch = Batch(prompts, images, captions, gen, scratch[m])
-                sync = m == len(micro) - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(module)
-                with ctx, acc.autocast():
-                    loss, parts = self.recipe.loss(role, batch, step)
-                    acc.backward(loss / len(micro))
-                for key, value in {"loss": loss.detach(), **parts}.items():
-                    logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
-            grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
-            logs[f"{role}/grad_norm"] = grad_norm.detach()
-            opt.step()
-            self.schedulers[role].step()
-            if role == self.recipe.generator_role and self.ema is not None:
-                self.ema.step(self.params[role])
-        for params in self.params.values():
-            for p in params:
-                p.requires_grad_(True)
+                    p.requires_grad_(True)
         return logs
+
+    def handle_nonfinite(self, step: int, skipped: int) -> int:
+        """Apply train.nan_policy; returns the step to continue from."""
+        cfg, acc = self.cfg.train, self.accelerator
+        where = f"step {step}: a loss or gradient became NaN/Inf"
+        if cfg.nan_policy == "stop" or skipped >= cfg.nan_max_skips:
+            raise TrainingDiverged(
+                f"{where} ({skipped} consecutive); stopped. Lower recipe.lr, raise "
+                "train.max_grad_norm headroom, or set train.nan_policy=rollback"
+            )
+        if cfg.nan_policy == "skip":
+            acc.print(f"warning: {where}; update skipped (train.nan_policy=skip)")
+            return step + 1
+        if not self.load_latest():
+            raise TrainingDiverged(f"{where} and there is no checkpoint to roll back to")
+        # the checkpoint restores the original rates: apply every rollback's factor so far
+        self.lr_scale *= cfg.rollback_lr_factor
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] *= self.lr_scale
+            sched = getattr(self.schedulers[name], "scheduler", self.schedulers[name])
+            sched.base_lrs = [lr * self.lr_scale for lr in sched.base_lrs]
+        acc.print(f"warning: {where}; rolled back to step {self.start_step} with lower lr")
+        return self.start_step
 
     def train(self) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
-        if self.resume:
-            self.try_resume()
+        if self.resume and not self.load_latest():
+            acc.print("--resume: no checkpoint found, starting from step 0")
         main = acc.is_main_process
         logger = MetricsLogger(
             self.output_dir, cfg.logging.backends, cfg.model_dump(mode="json"), enabled=main
@@ -250,34 +254,42 @@ class Trainer:
         started, window = time.perf_counter(), time.perf_counter()
         pending: list[dict[str, torch.Tensor]] = []
         bar = progress_bar(cfg.logging.progress_bar and main)
+        total, step, skipped, last_bad = cfg.train.max_steps, self.start_step, 0, -1
         with bar:
-            task = bar.add_task(
-                cfg.recipe.name,
-                total=cfg.train.max_steps,
-                completed=self.start_step,
-                speed="",
-                losses="",
-            )
-            for step in range(self.start_step, cfg.train.max_steps):
-                pending.append(self.train_step(step))
-                done = step + 1
-                if done % cfg.logging.every == 0 or done == cfg.train.max_steps:
+            task = bar.add_task(cfg.recipe.name, total=total, completed=step, speed="", losses="")
+            while step < total:
+                logs = self.train_step(step)
+                if logs is None:
+                    skipped, last_bad = skipped + 1, max(last_bad, step)
+                    step = self.handle_nonfinite(step, skipped)
+                    continue
+                if step > last_bad:  # only progress past the failure clears the count
+                    skipped = 0
+                pending.append(logs)
+                step += 1
+                fault_point(f"after-step-{step}")
+                if step % cfg.logging.every == 0 or step == total:
                     values = self._reduce(pending)
                     speed = len(pending) / max(time.perf_counter() - window, 1e-9)
                     values["steps_per_s"] = speed
-                    values["lr/generator"] = self.schedulers[
-                        self.recipe.generator_role
-                    ].get_last_lr()[0]
-                    logger.log(done, values)
+                    generator_sched = self.schedulers[self.recipe.generator_role]
+                    values["lr/generator"] = generator_sched.get_last_lr()[0]
+                    values["effective_batch"] = (
+                        cfg.train.batch_size * cfg.train.grad_accumulation * acc.num_processes
+                    )
+                    logger.log(step, values)
                     shown = "  ".join(
                         f"{k}={v:.4g}" for k, v in values.items() if k.endswith("/loss")
                     )
-                    bar.update(task, completed=done, speed=f"{speed:.2f} it/s", losses=shown)
+                    bar.update(task, completed=step, speed=f"{speed:.2f} it/s", losses=shown)
                     pending, window = [], time.perf_counter()
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
-                    self.save_checkpoint(done)
+                if step % cfg.train.checkpoint_every == 0 or step == total:
+                    self.save_checkpoint(step)
         train_seconds = time.perf_counter() - started
         logger.close()
+        if main:
+            summary = {"steps": total, "train_seconds": round(train_seconds, 2)}
+            (self.output_dir / "train.json").write_text(json.dumps(summary))
         report = self.export() if cfg.export.enabled and main else None
         acc.wait_for_everyone()
         return RunResult(self.output_dir, cfg.train.max_steps, report, train_seconds)
@@ -307,6 +319,9 @@ class Trainer:
 
     def export(self) -> ExportReport:
         cfg = self.cfg
+        generator = self.generator_for_export()
+        if not all_finite(generator.parameters()):
+            raise TrainingDiverged("the generator's weights are not finite; nothing was exported")
         info = card_info(cfg, self.smoke)
 
         def write_card(pipeline_dir: Path, steps: int) -> None:
@@ -315,13 +330,14 @@ class Trainer:
 
         report = export_student(
             self.teacher,
-            self.generator_for_export(),
+            generator,
             self.output_dir,
             steps=self.recipe.export_steps,
             verify=cfg.export.verify,
             tolerance=cfg.export.tolerance,
             lora_file=cfg.export.lora_file,
             write_card=write_card,
+            metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
         )
         summary = {
             "pipeline": str(report.pipeline_dir),
@@ -362,4 +378,15 @@ def flat_summary(cfg: RunConfig) -> dict:
 
 
 def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:
-    return Trainer(cfg, smoke=smoke, resume=resume).train()
+    """Check, lock the output directory (main process), train, export, unlock."""
+    check_runtime(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    output_dir = Path(cfg.output_dir)
+    lock = RunLock(output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, resume)
+        lock.acquire()
+    try:
+        return Trainer(cfg, accelerator, smoke=smoke, resume=resume).train()
+    finally:
+        lock.release()

@@ -47,6 +47,30 @@ def load_judge(judge_cache: Path | str | None = None) -> tuple[DigitJudge, Digit
     return load_or_train_judge(cache, seed=JUDGE_SEED, split=split), split
 
 
+def benchmark_protocol(
+    split: DigitsSplit, *, per_class: int, seed: int, batch_size: int = 100
+) -> dict[str, Any]:
+    """What fixes a digits score besides the model: judge, split, prompts and seeds."""
+    from distillkit.data.digits import NUM_CLASSES
+    from distillkit.evaluation.judge import DEFAULT_EPOCHS, JUDGE_VERSION
+
+    samples = NUM_CLASSES * per_class
+    return {
+        "benchmark": "digits",
+        "judge_version": JUDGE_VERSION,
+        "judge_seed": JUDGE_SEED,
+        "judge_epochs": DEFAULT_EPOCHS,
+        "split_seed": split.seed,
+        "test_fraction": split.test_fraction,
+        "real_heldout": len(split.heldout_images),
+        "per_class": per_class,
+        "samples": samples,
+        "seed": seed,
+        "batch_seeds": [seed + i for i in range(math.ceil(samples / batch_size))],
+        "batch_size": batch_size,
+    }
+
+
 def evaluate_pipeline(
     pipe: DiffusionPipeline,
     *,
@@ -63,7 +87,6 @@ def evaluate_pipeline(
     """Scores of an already loaded pipeline (the harness reuses one load for many settings)."""
     from distillkit.data.digits import eval_prompts
     from distillkit.evaluation.generate import default_resolution, generate_images
-    from distillkit.evaluation.judge import DEFAULT_EPOCHS, JUDGE_VERSION
     from distillkit.evaluation.metrics import digits_scores
 
     pairs = eval_prompts(per_class)
@@ -82,20 +105,8 @@ def evaluate_pipeline(
     scores["n"] = len(images)
     if grid is not None:
         save_grid(images, grid, labels=labels)
-    n_batches = math.ceil(len(prompts) / batch_size)
     scores["protocol"] = {
-        "benchmark": "digits",
-        "judge_version": JUDGE_VERSION,
-        "judge_seed": JUDGE_SEED,
-        "judge_epochs": DEFAULT_EPOCHS,
-        "split_seed": split.seed,
-        "test_fraction": split.test_fraction,
-        "real_heldout": len(split.heldout_images),
-        "per_class": per_class,
-        "samples": len(images),
-        "seed": seed,
-        "batch_seeds": [seed + i for i in range(n_batches)],
-        "batch_size": batch_size,
+        **benchmark_protocol(split, per_class=per_class, seed=seed, batch_size=batch_size),
         "steps": steps,
         "guidance": float(guidance),
         "resolution": resolution,
@@ -183,6 +194,26 @@ def save_grid(
         canvas.paste(Image.fromarray(pixels[i]), (pad + c * (w + pad), pad + r * (h + pad)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def combine_grids(panels: list[tuple[str, Path]], path: Path | str, gap: int = 6) -> Path:
+    """Grids side by side under captions, scaled (nearest) to the tallest one's height."""
+    from PIL import Image, ImageDraw
+
+    images = [(caption, Image.open(p).convert("RGB")) for caption, p in panels]
+    height, top = max(im.height for _, im in images), 14
+    nearest = Image.Resampling.NEAREST
+    images = [(c, im.resize((im.width * height // im.height, height), nearest)) for c, im in images]
+    width = sum(im.width for _, im in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (width, top + height), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for caption, im in images:
+        canvas.paste(im, (x, top))
+        draw.text((x + 2, 1), caption, fill="black")
+        x += im.width + gap
+    path = Path(path)
     canvas.save(path)
     return path
 

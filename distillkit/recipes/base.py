@@ -35,7 +35,11 @@ class Recipe:
 
     config_class: ClassVar[type]
     generator_role: ClassVar[str] = "generator"
-    needs_images: ClassVar[bool] = False
+
+    @classmethod
+    def needs_images(cls, cfg) -> bool:
+        """Whether this configuration trains on real images (checked before any weights load)."""
+        return False
 
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         self.run_cfg = run_cfg

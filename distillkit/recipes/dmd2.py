@@ -150,7 +150,10 @@ class DMD2(Recipe):
             _, channels = teacher.feature_module(fake_net)
             head = DiscriminatorHead(channels).to(teacher.device)
         self.roles["fake_score"] = FakeScore(fake_net, head)
-        self.needs_images = cfg.gan
+
+    @classmethod
+    def needs_images(cls, cfg: DMD2Config) -> bool:
+        return cfg.gan_discriminator_weight > 0
 
     def schedule(self, step: int) -> list[str]:
         if step % self.cfg.fake_updates_per_generator == 0:
@@ -182,13 +185,16 @@ class DMD2(Recipe):
             x_t = teacher.add_noise(x0, batch.randn(x0.shape, x0.device), t)
             logs: dict[str, Tensor] = {}
             gan_loss = x0.new_zeros(())
-            if cfg.gan and cfg.gan_generator_weight > 0:
+            shared_fake = cfg.gan_generator_weight > 0 and cfg.fake_guidance_scale == 1
+            if cfg.gan_generator_weight > 0:
+                # one fake-score forward serves both the GAN logits and the DM fake score
                 out, logits = predict_with_features(teacher, fake, x_t, t, cond)
-                fake_x0 = teacher.to_x0(out, x_t, t).detach()
                 gan_loss = gan_generator_loss(logits)
                 logs["gan"] = gan_loss.detach()
+                if shared_fake:
+                    fake_x0 = teacher.to_x0(out.detach(), x_t.detach(), t)
             with torch.no_grad():
-                if not (cfg.gan and cfg.gan_generator_weight > 0) or cfg.fake_guidance_scale != 1:
+                if not shared_fake:
                     fake_x0 = teacher.denoise(fake.net, x_t, t, cond, cfg.fake_guidance_scale)
                 real_x0 = teacher.denoise(teacher.denoiser, x_t, t, cond, cfg.real_guidance_scale)
             dm = distribution_matching_loss(x0, real_x0, fake_x0)
@@ -202,7 +208,7 @@ class DMD2(Recipe):
         eps = batch.randn(x0.shape, x0.device)
         x_t = teacher.add_noise(x0, eps, t)
         target = teacher.target(x0, eps, t)
-        if not cfg.gan:
+        if cfg.gan_discriminator_weight == 0:
             loss = denoising_loss(teacher.forward(fake.net, x_t, t, cond.cond), target)
             return loss, {"denoise": loss.detach()}
         out, fake_logits = predict_with_features(teacher, fake, x_t, t, cond)

@@ -142,7 +142,9 @@ class TeacherAdapter:
         """Frozen text encoders: cache per prompt so repeated prompts cost nothing."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            cond, uncond = self.encode_prompts(missing)
+            # outside autocast: cached embeddings must equal what the exported pipeline computes
+            with torch.autocast(self.device.type, enabled=False):
+                cond, uncond = self.encode_prompts(missing)
             for i, prompt in enumerate(missing):
                 pick = lambda t, i=i: t[i : i + 1].detach()  # noqa: E731
                 self._cache[prompt] = (tree_map(pick, cond), tree_map(pick, uncond))

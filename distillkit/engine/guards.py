@@ -1,0 +1,145 @@
+"""What keeps a run from losing or corrupting work: start-up checks, the run lock, NaN guard.
+
+Everything here fails before damage is done: GPU-only options are refused before weights load,
+an output directory is owned by one run at a time, and non-finite weights never reach disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import torch
+
+from distillkit.config import RunConfig
+from distillkit.engine.state import CheckpointDir
+from distillkit.errors import ConfigError, DistillkitError
+
+LOCK_NAME = ".distillkit.lock"
+
+
+class TrainingDiverged(DistillkitError):
+    """Losses or gradients became NaN/Inf and the configured policy says stop."""
+
+
+def check_runtime(cfg: RunConfig) -> None:
+    """GPU-only options fail here with the field name, before any weights are loaded."""
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA device; on CPU use 'no' or 'bf16'"
+        )
+    if cfg.train.attention == "xformers":
+        if not cuda:
+            raise ConfigError(
+                "train.attention=xformers needs a CUDA device; use train.attention=sdpa (or auto)"
+            )
+        if not xformers_importable():
+            raise ConfigError(
+                "train.attention=xformers but xformers is not installed: "
+                "pip install 'distillkit[gpu]', or use train.attention=sdpa"
+            )
+
+
+def xformers_importable() -> bool:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_xformers(cfg: RunConfig) -> bool:
+    """auto = xformers when it is installed and we are on CUDA, else PyTorch SDPA."""
+    if cfg.train.attention == "sdpa" or not torch.cuda.is_available():
+        return False
+    return xformers_importable()
+
+
+def prepare_output_dir(path: Path, resume: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} is a file; choose a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror})") from None
+    if not resume and CheckpointDir(path / "checkpoints", 1).candidates():
+        raise ConfigError(
+            f"output_dir: {path} already holds checkpoints of a run; pass --resume to continue "
+            "it, or choose another output_dir"
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One run per output directory: a lock file naming its owner; a dead owner's is taken over."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text().split() if self.path.is_file() else []
+                pid = int(owner[0]) if owner and owner[0].isdigit() else -1
+                same_host = len(owner) < 2 or owner[1] == socket.gethostname()
+                if pid > 0 and (_alive(pid) or not same_host):
+                    raise ConfigError(
+                        f"output_dir: {self.path.parent} is in use by another run (pid {pid}); "
+                        f"wait for it, or remove {self.path} if that run is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(mine)
+            self.held = True
+            return
+        raise ConfigError(f"output_dir: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def all_finite(params) -> bool:
+    """One host sync for a whole parameter list (used before checkpoints and exports only)."""
+    flags = [torch.isfinite(p.detach()).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def fault_active(name: str) -> bool:
+    """Fault injection for the crash-safety tests, off unless DISTILLKIT_FAULT names ``name``."""
+    return os.environ.get("DISTILLKIT_FAULT") == name
+
+
+def fault_point(name: str) -> None:
+    """DISTILLKIT_FAULT=<name> kills the process with SIGKILL right here, exactly like a
+    pre-emption or the OOM killer would."""
+    if fault_active(name):
+        os.kill(os.getpid(), signal.SIGKILL)
