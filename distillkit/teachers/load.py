@@ -56,7 +56,9 @@ def _from_pretrained(cfg: TeacherConfig, source: str, dtype: torch.dtype) -> Dif
             f"teacher.model_id: {source} is not a diffusers pipeline directory "
             "(no model_index.json); give a Hub id or a folder saved with save_pretrained"
         )
-    kwargs = {"torch_dtype": dtype, "use_safetensors": cfg.use_safetensors}
+    # True: safetensors only. The opt-out means "allow pickle where that is all there is" (None),
+    # not "pickle only", since transformers 5 writes text encoders as safetensors regardless.
+    kwargs = {"torch_dtype": dtype, "use_safetensors": True if cfg.use_safetensors else None}
     if cfg.variant:
         kwargs["variant"] = cfg.variant
     if cfg.trust_remote_code:
