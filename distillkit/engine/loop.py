@@ -20,9 +20,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
+from distillkit.engine.callbacks import default_callbacks
 from distillkit.engine.guards import (
     RunLock,
     TrainingDiverged,
@@ -87,6 +89,7 @@ class Trainer:
         )
         self.start_step = 0
         self.lr_scale = 1.0
+        self.callbacks = default_callbacks(cfg) if accelerator.is_main_process else []
 
     # ------------------------------------------------------------------ setup
     def _build_optimisation(self) -> None:
@@ -144,6 +147,9 @@ class Trainer:
         acc.wait_for_everyone()
         tmp = self.checkpoints.root / f".tmp-step-{step:07d}"
         acc.save_state(str(tmp))
+        if acc.is_main_process:
+            for name, module in self.recipe.state_modules().items():
+                save_file(module.state_dict(), str(tmp / f"state-{name}.safetensors"))
         fault_point(f"checkpoint-write-{step}")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -156,6 +162,8 @@ class Trainer:
             return False
         path, meta = found
         self.accelerator.load_state(str(path))
+        for name, module in self.recipe.state_modules().items():
+            module.load_state_dict(load_file(str(path / f"state-{name}.safetensors")))
         self.start_step = int(meta["step"])
         self.accelerator.print(f"resumed from {path.name} (step {self.start_step})")
         return True
@@ -203,6 +211,7 @@ class Trainer:
                 logs[f"{role}/grad_norm"] = grad_norm.detach()
                 opt.step()
                 self.schedulers[role].step()
+                self.recipe.after_update(role, step)
                 if role == self.recipe.generator_role and self.ema is not None:
                     self.ema.step(self.params[role])
         finally:
@@ -251,6 +260,8 @@ class Trainer:
                 f"({'smoke: tiny teacher' if self.smoke else cfg.teacher.model_id}), "
                 f"effective batch {effective} on {acc.num_processes} process(es), {acc.device}"
             )
+        for callback in self.callbacks:
+            callback.on_train_start(self)
         started, window = time.perf_counter(), time.perf_counter()
         pending: list[dict[str, torch.Tensor]] = []
         bar = progress_bar(cfg.logging.progress_bar and main)
@@ -277,6 +288,8 @@ class Trainer:
                     values["effective_batch"] = (
                         cfg.train.batch_size * cfg.train.grad_accumulation * acc.num_processes
                     )
+                    for callback in self.callbacks:
+                        callback.on_log(self, step, values)
                     logger.log(step, values)
                     shown = "  ".join(
                         f"{k}={v:.4g}" for k, v in values.items() if k.endswith("/loss")
@@ -285,6 +298,8 @@ class Trainer:
                     pending, window = [], time.perf_counter()
                 if step % cfg.train.checkpoint_every == 0 or step == total:
                     self.save_checkpoint(step)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, step)
         train_seconds = time.perf_counter() - started
         logger.close()
         if main:
@@ -292,7 +307,10 @@ class Trainer:
             (self.output_dir / "train.json").write_text(json.dumps(summary))
         report = self.export() if cfg.export.enabled and main else None
         acc.wait_for_everyone()
-        return RunResult(self.output_dir, cfg.train.max_steps, report, train_seconds)
+        result = RunResult(self.output_dir, cfg.train.max_steps, report, train_seconds)
+        for callback in self.callbacks:
+            callback.on_train_end(self, result)
+        return result
 
     @staticmethod
     def _reduce(pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:

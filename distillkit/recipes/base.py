@@ -54,6 +54,14 @@ class Recipe:
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def after_update(self, role: str, step: int) -> None:
+        """Called after ``role``'s optimiser step (e.g. to move an EMA target network)."""
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Non-trainable networks whose weights change during training (EMA targets); the
+        loop checkpoints them in full so a resume is exact."""
+        return {}
+
     def learning_rate(self, role: str) -> float:
         return float(self.cfg.lr[role])
 

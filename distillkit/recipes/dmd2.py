@@ -14,9 +14,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.gan import (
+    DiscriminatorHead,
+    FakeScore,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    predict_with_features,
+)
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import trainable_copy
@@ -68,68 +75,6 @@ def distribution_matching_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> 
 def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """Fake-score training: plain regression onto the family's own target (eps, v, velocity)."""
     return F.mse_loss(prediction.float(), target.float())
-
-
-def gan_generator_loss(fake_logits: Tensor) -> Tensor:
-    return F.softplus(-fake_logits).mean()
-
-
-def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-
-
-# ----------------------------------------------------------------------------- networks
-
-
-class DiscriminatorHead(nn.Module):
-    """A light classifier on denoiser features (any spatial size): real vs generated."""
-
-    def __init__(self, channels: int, width: int = 128) -> None:
-        super().__init__()
-        groups = 32 if width % 32 == 0 else 1
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1),
-            nn.GroupNorm(groups, width),
-            nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.GroupNorm(groups, width),
-            nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(width, 1),
-        )
-
-    def forward(self, feats: Tensor) -> Tensor:
-        return self.body(feats.float()).squeeze(1)
-
-
-class FakeScore(nn.Module):
-    """The fake-score denoiser, plus the GAN head that reads its bottleneck features."""
-
-    def __init__(self, net: nn.Module, head: nn.Module | None) -> None:
-        super().__init__()
-        self.net = net
-        self.head = head
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
-
-
-def predict_with_features(
-    teacher: TeacherAdapter, fake: FakeScore, x_t: Tensor, t: Tensor, batch_cond
-) -> tuple[Tensor, Tensor]:
-    """One fake-score call returning its output and the GAN logits from the same forward."""
-    block, _ = teacher.feature_module(unwrap(fake.net))
-    captured: list[Tensor] = []
-    hook = block.register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
-    )
-    try:
-        out = teacher.forward(fake.net, x_t, t, batch_cond.cond)
-    finally:
-        hook.remove()
-    return out, fake.head(teacher.features_to_map(captured[-1]))
 
 
 # ----------------------------------------------------------------------------- recipe

@@ -63,9 +63,7 @@ def test_failed_verification_keeps_the_previous_export(tmp_path, tiny_adapter, m
         for p in student.parameters():
             p.add_(0.01)
     real = export_module.pipeline_one_step
-    monkeypatch.setattr(
-        export_module, "pipeline_one_step", lambda *a, **k: real(*a, **k) + 1e-2
-    )
+    monkeypatch.setattr(export_module, "pipeline_one_step", lambda *a, **k: real(*a, **k) + 1e-2)
     with pytest.raises(ExportError, match="export.tolerance"):
         export_student(teacher, student, tmp_path, steps=1)
     assert _digest(tmp_path / "pipeline") == before
