@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/distillkit demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/distillkit demo
 
 test: setup
 	$(BIN)/ruff check distillkit tests evaluation
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check distillkit tests evaluation

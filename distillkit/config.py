@@ -58,12 +58,31 @@ class StudentConfig(Strict):
 
     type: Literal["lora", "full"] = "full"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    shared_base: bool = Field(
+        False,
+        description="LoRA roles as adapters on the teacher's own denoiser: one copy of the base",
+    )
+
+
+class DatasetSource(Strict):
+    """A `datasets` source: local data file(s) or folder (imagefolder, parquet, ...) or Hub name."""
+
+    path: str = Field(description="data file, folder, saved dataset, or Hub dataset name")
+    name: str | None = Field(None, description="dataset configuration name (Hub datasets)")
+    split: str = "train"
+    revision: str | None = None
+    column: str = Field("text", description="the prompt / caption column")
+    image_column: str = Field("image", description="the image column (image-text sets)")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
 
 class DataConfig(Strict):
     prompts: str | None = Field(None, description=".txt / .jsonl / .csv file, or 'digits'")
     prompt_column: str = "text"
     images: str | None = Field(None, description="folder of real images (GAN terms), or 'digits'")
+    prompts_dataset: DatasetSource | None = Field(None, description="prompts via `datasets`")
+    images_dataset: DatasetSource | None = Field(None, description="image-text pairs via datasets")
+    cache_dir: str | None = Field(None, description="text-embedding / VAE-latent cache folder")
     shuffle: bool = True
 
 
@@ -115,6 +134,30 @@ class LoggingConfig(Strict):
         default_factory=lambda: ["jsonl"]
     )
     progress_bar: bool = True
+    sample_every: int = Field(500, ge=0, description="sample grid every N steps (0: never)")
+    sample_prompts: list[str] | None = Field(None, description="default: a few built-in prompts")
+    sample_per_prompt: int = Field(2, ge=1, description="seeds per prompt (grid columns)")
+    sample_seed: int = 0
+    collapse_threshold: float = Field(
+        0.3, ge=0, description="warn when sample diversity / the teacher's falls below this"
+    )
+    collapse_teacher_steps: int = Field(25, ge=1, description="teacher steps for the reference")
+    report: bool = Field(True, description="loss curves and OUTPUT_DIR/report.md at the end")
+
+
+class HubConfig(Strict):
+    """Push the export to the Hugging Face Hub when the run ends (token: HF_TOKEN or login)."""
+
+    push: bool = False
+    repo_id: str | None = Field(None, pattern=r"^([\w.-]+/)?[\w.-]+$")
+    private: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> HubConfig:
+        if self.push and not self.repo_id:
+            raise ValueError("hub.repo_id is required when hub.push is true (e.g. me/my-model)")
+        return self
 
 
 RecipeSection = Annotated[recipe_config_union(), Field(discriminator="name")]
@@ -129,6 +172,13 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="after")
+    def _check_hub(self) -> RunConfig:
+        if self.hub.push and not self.export.enabled:
+            raise ValueError("hub.push needs export.enabled: true (the export is what is pushed)")
+        return self
 
     @model_validator(mode="after")
     def _check_combination(self) -> RunConfig:

@@ -6,7 +6,6 @@ with the training-time one-step output; only then do they replace ``pipeline/`` 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from distillkit.errors import ExportError
-from distillkit.students import ADAPTER, is_lora, merged_copy
+from distillkit.students import is_lora, lora_owner, merged_copy, plain_copy
 from distillkit.teachers.base import TeacherAdapter
 
 VERIFY_PROMPT = "a handwritten digit seven"
@@ -70,8 +69,9 @@ def lora_state(net: nn.Module) -> tuple[dict, dict]:
     """diffusers-format LoRA tensors and the adapter metadata that keeps alpha/rank on reload."""
     # peft's own key format (lora_A / lora_B): load_lora_weights reads it for every target
     # module, while the legacy diffusers conversion only renames attention projections.
-    layers = get_peft_model_state_dict(net, adapter_name=ADAPTER)
-    return layers, net.peft_config[ADAPTER].to_dict()
+    owner, name = lora_owner(net)
+    layers = get_peft_model_state_dict(owner, adapter_name=name)
+    return layers, owner.peft_config[name].to_dict()
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def _verify_lora(
 ) -> float:
     """Load the file into a fresh teacher pipeline the way a user would: load_lora_weights."""
     components = dict(teacher.pipe.components)
-    components[teacher.denoiser_attr] = copy.deepcopy(teacher.denoiser)
+    components[teacher.denoiser_attr] = plain_copy(teacher.denoiser)
     pipe = type(teacher.pipe)(**components)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = teacher.export_scheduler()

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
 from distillkit.engine.callbacks import default_callbacks
+from distillkit.engine.debug import dump_rank_state
 from distillkit.engine.guards import (
     RunLock,
     TrainingDiverged,
@@ -74,7 +75,10 @@ class Trainer:
             cfg.data, resolution, smoke, need_images=recipe_class.needs_images(cfg.recipe)
         )
         set_seed(cfg.train.seed)
-        self.teacher: TeacherAdapter = load_teacher(cfg.teacher, accelerator.device, smoke)
+        # rank 0 first: it downloads (or builds the tiny --smoke teacher) once; the others then
+        # read the finished cache instead of racing on a half-written directory
+        with accelerator.main_process_first():
+            self.teacher: TeacherAdapter = load_teacher(cfg.teacher, accelerator.device, smoke)
         self.recipe: Recipe = recipe_class(cfg, self.teacher)
         if use_xformers(cfg):
             self.teacher.denoiser.enable_xformers_memory_efficient_attention()
@@ -301,6 +305,7 @@ class Trainer:
                 for callback in self.callbacks:
                     callback.on_step_end(self, step)
         train_seconds = time.perf_counter() - started
+        dump_rank_state(self)  # test-only, every rank: no-op unless DISTILLKIT_DUMP_RANK_WEIGHTS
         logger.close()
         if main:
             summary = {"steps": total, "train_seconds": round(train_seconds, 2)}

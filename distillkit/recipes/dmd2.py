@@ -26,7 +26,7 @@ from distillkit.recipes.gan import (
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
-from distillkit.students import trainable_copy
+from distillkit.students import role_networks
 from distillkit.teachers.base import TeacherAdapter
 
 
@@ -87,9 +87,17 @@ class DMD2(Recipe):
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         cfg, student = self.cfg, run_cfg.student
-        ckpt = run_cfg.train.gradient_checkpointing
-        self.roles["generator"] = trainable_copy(teacher.denoiser, student.type, student.lora, ckpt)
-        fake_net = trainable_copy(teacher.denoiser, cfg.fake_score, student.lora, ckpt)
+        nets = role_networks(
+            teacher.denoiser,
+            {
+                "generator": (student.type, student.lora),
+                "fake_score": (cfg.fake_score, student.lora),
+            },
+            shared_base=student.shared_base,
+            gradient_checkpointing=run_cfg.train.gradient_checkpointing,
+        )
+        self.roles["generator"] = nets["generator"]
+        fake_net = nets["fake_score"]
         head = None
         if cfg.gan:
             _, channels = teacher.feature_module(fake_net)
@@ -122,7 +130,7 @@ class DMD2(Recipe):
         teacher, cfg = self.teacher, self.cfg
         cond = teacher.encode(batch.prompts)
         n = len(batch.prompts)
-        fake: FakeScore = self.roles["fake_score"]
+        fake = self.roles["fake_score"]  # called whole: a DDP wrapper must see the call
         if role == "generator":
             x0 = self._generate(batch, cond, with_grad=True)
             batch.scratch["x0"] = x0.detach()
@@ -140,7 +148,7 @@ class DMD2(Recipe):
                     fake_x0 = teacher.to_x0(out.detach(), x_t.detach(), t)
             with torch.no_grad():
                 if not shared_fake:
-                    fake_x0 = teacher.denoise(fake.net, x_t, t, cond, cfg.fake_guidance_scale)
+                    fake_x0 = teacher.denoise(fake, x_t, t, cond, cfg.fake_guidance_scale)
                 real_x0 = teacher.denoise(teacher.denoiser, x_t, t, cond, cfg.real_guidance_scale)
             dm = distribution_matching_loss(x0, real_x0, fake_x0)
             logs["dm"] = dm.detach()
@@ -154,7 +162,7 @@ class DMD2(Recipe):
         x_t = teacher.add_noise(x0, eps, t)
         target = teacher.target(x0, eps, t)
         if cfg.gan_discriminator_weight == 0:
-            loss = denoising_loss(teacher.forward(fake.net, x_t, t, cond.cond), target)
+            loss = denoising_loss(teacher.forward(fake, x_t, t, cond.cond), target)
             return loss, {"denoise": loss.detach()}
         out, fake_logits = predict_with_features(teacher, fake, x_t, t, cond)
         dsm = denoising_loss(out, target)

@@ -6,6 +6,8 @@ post-training reuse the same head and the non-saturating logistic losses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,12 +45,40 @@ class DiscriminatorHead(nn.Module):
 
 
 class FakeScore(nn.Module):
-    """The fake-score denoiser, plus the GAN head that reads its bottleneck features."""
+    """The fake-score denoiser, plus the GAN head that reads its bottleneck features.
+
+    Recipes call it like the denoiser itself (``teacher.forward(fake, ...)``), never through
+    ``fake.net``: only a call through ``forward`` lets a DDP/FSDP wrapper around this role arm
+    and sync its gradients (a bypassed wrapper silently leaves ranks with different weights).
+    """
 
     def __init__(self, net: nn.Module, head: nn.Module | None) -> None:
         super().__init__()
         self.net = net
         self.head = head
+        self._tap: tuple[nn.Module, Callable[[Tensor], Tensor]] | None = None
+        self.logits: Tensor | None = None
+
+    @property
+    def config(self):
+        """The denoiser's config: families read it (e.g. SANA's timestep_scale)."""
+        return self.net.config
+
+    def forward(self, *args, **kwargs):
+        if self._tap is None:
+            return self.net(*args, **kwargs)
+        block, to_map = self._tap
+        captured: list[Tensor] = []
+        hook = block.register_forward_hook(
+            lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            out = self.net(*args, **kwargs)
+        finally:
+            hook.remove()
+        # the head runs inside forward, so a wrapper's gradient sync covers its weights too
+        self.logits = self.head(to_map(captured[-1]))
+        return out
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -56,16 +86,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def predict_with_features(
-    teacher: TeacherAdapter, fake: FakeScore, x_t: Tensor, t: Tensor, batch_cond
+    teacher: TeacherAdapter, fake: nn.Module, x_t: Tensor, t: Tensor, batch_cond
 ) -> tuple[Tensor, Tensor]:
-    """One fake-score call returning its output and the GAN logits from the same forward."""
-    block, _ = teacher.feature_module(unwrap(fake.net))
-    captured: list[Tensor] = []
-    hook = block.register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
-    )
+    """One fake-score call returning its output and the GAN logits from the same forward.
+
+    ``fake`` is the role as the loop holds it: a :class:`FakeScore`, possibly DDP-wrapped.
+    """
+    inner: FakeScore = unwrap(fake)
+    block, _ = teacher.feature_module(inner.net)
+    inner._tap = (block, teacher.features_to_map)
     try:
-        out = teacher.forward(fake.net, x_t, t, batch_cond.cond)
+        out = teacher.forward(fake, x_t, t, batch_cond.cond)
     finally:
-        hook.remove()
-    return out, fake.head(teacher.features_to_map(captured[-1]))
+        inner._tap = None
+    logits, inner.logits = inner.logits, None
+    return out, logits

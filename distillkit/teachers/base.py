@@ -61,6 +61,22 @@ class Conditioning:
             tree_map(lambda t: t[index], self.cond), tree_map(lambda t: t[index], self.uncond)
         )
 
+    def with_empty_prompts(self, mask: Tensor | None = None) -> Conditioning:
+        """The empty prompt (the CFG negative) in place of the prompt where ``mask`` is True (all
+        samples when None): prompt dropout and text-free networks without knowing the keys."""
+
+        def where(cond: Any, uncond: Any) -> Any:
+            if isinstance(cond, dict):
+                return {k: where(cond[k], uncond[k]) for k in cond}
+            if not isinstance(cond, Tensor):
+                return cond
+            if mask is None:
+                return uncond
+            keep = mask.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+            return torch.where(keep, uncond, cond)
+
+        return Conditioning(where(self.cond, self.uncond), self.uncond)
+
 
 class TeacherAdapter:
     """Base adapter; subclasses are registered per family in distillkit/teachers/<family>.py."""
@@ -162,6 +178,10 @@ class TeacherAdapter:
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         return self.schedule.add_noise(x0, eps, t)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample (alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t eps, for loss weightings."""
+        return self.schedule.alpha_sigma(t)
 
     def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return self.schedule.to_x0(out, x_t, t)

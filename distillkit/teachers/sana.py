@@ -42,7 +42,8 @@ class SanaAdapter(TeacherAdapter):
 
     def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
         dtype = next(net.parameters()).dtype
-        timestep = t * net.config.timestep_scale
+        config = getattr(net, "module", net).config  # through a DDP/FSDP wrapper
+        timestep = t * config.timestep_scale
         out = net(x_t.to(dtype), timestep=timestep.to(dtype), return_dict=False, **kwargs)[0]
         if out.shape[1] != x_t.shape[1]:  # learned-sigma heads: keep the velocity half
             out = out.chunk(2, dim=1)[0]
