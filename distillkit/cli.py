@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint dir name (default: latest)")
     p.set_defaults(func=cmd_export)
 
+    from distillkit.demo import add_demo_parser
     from distillkit.evaluation.digits_eval import add_eval_parser
 
     add_eval_parser(sub)
+    add_demo_parser(sub)
 
     p = sub.add_parser("push", help="upload an exported run to the Hugging Face Hub")
     p.add_argument("output_dir")

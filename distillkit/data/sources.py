@@ -151,6 +151,11 @@ def digits_data(resolution: int, seed: int = 0) -> TrainData:
 def load_train_data(cfg: DataConfig, resolution: int, smoke: bool, need_images: bool) -> TrainData:
     if cfg.prompts == "digits" or cfg.images == "digits":
         return digits_data(resolution)
+    from distillkit.data.hf_datasets import load_dataset_sources
+
+    from_datasets = load_dataset_sources(cfg, resolution, smoke, need_images)
+    if from_datasets is not None:
+        return from_datasets
     missing = cfg.prompts is None or not Path(cfg.prompts).exists()
     if smoke and missing:
         data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))

@@ -284,7 +284,7 @@ class Trainer:
                 step += 1
                 fault_point(f"after-step-{step}")
                 if step % cfg.logging.every == 0 or step == total:
-                    values = self._reduce(pending)
+                    values = self._reduce(pending, acc)
                     speed = len(pending) / max(time.perf_counter() - window, 1e-9)
                     values["steps_per_s"] = speed
                     generator_sched = self.schedulers[self.recipe.generator_role]
@@ -318,14 +318,19 @@ class Trainer:
         return result
 
     @staticmethod
-    def _reduce(pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Average the logged tensors of the window with a single host sync."""
+    def _reduce(pending: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, float]:
+        """Average the logged tensors of the window (and over ranks) with a single host sync."""
         keys = sorted({k for logs in pending for k in logs})
+        if not keys:
+            return {}
         means = []
         for key in keys:
             values = [torch.as_tensor(logs[key]).float().cpu() for logs in pending if key in logs]
             means.append(torch.stack(values).mean())
-        return dict(zip(keys, torch.stack(means).tolist())) if keys else {}
+        stacked = torch.stack(means)
+        if acc.num_processes > 1:  # log the whole effective batch's losses, not rank 0's share
+            stacked = acc.reduce(stacked.to(acc.device), "mean").cpu()
+        return dict(zip(keys, stacked.tolist()))
 
     # ------------------------------------------------------------------ export
     def write_run_config(self) -> None:

@@ -234,6 +234,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
     from distillkit.evaluation.generate import export_call_defaults
 
+    if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
+        from distillkit.evaluation.prompt_eval import cmd_prompt_eval
+
+        if args.benchmark is not None:
+            raise ConfigError("--benchmark and --prompts exclude each other: pick one")
+        return cmd_prompt_eval(args)
+    args.benchmark = getattr(args, "benchmark", None) or "digits"
     if args.benchmark != "digits":
         raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
     card = export_call_defaults(args.pipeline_dir)
@@ -271,9 +278,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `distillkit eval` on the CLI's subparsers."""
-    p = subparsers.add_parser("eval", help="score an exported pipeline dir on a benchmark")
+    from distillkit.evaluation.prompt_eval import add_prompt_eval_args
+
+    p = subparsers.add_parser("eval", help="score an exported pipeline: benchmark or prompt set")
     p.add_argument("pipeline_dir", help="a diffusers pipeline dir (e.g. runs/x/pipeline)")
-    p.add_argument("--benchmark", default="digits", choices=["digits"])
+    p.add_argument("--benchmark", default=None, choices=["digits"], help="default: digits")
     p.add_argument("--steps", type=int, default=None, help="default: the export's card")
     p.add_argument(
         "--guidance", type=float, default=None, help="default: the export's card (0 for students)"
@@ -283,5 +292,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--out", default=None, metavar="FILE.json")
     p.add_argument("--grid", default=None, metavar="FILE.png", help="10 classes x 8 samples")
     p.add_argument("--judge-cache", default=None, help="default: $DISTILLKIT_CACHE/judge")
+    add_prompt_eval_args(p)
     p.set_defaults(func=cmd_eval)
     return p

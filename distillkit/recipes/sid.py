@@ -26,6 +26,7 @@ from distillkit.recipes.gan import (
     gan_discriminator_loss,
     gan_generator_loss,
     predict_with_features,
+    unwrap,
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
@@ -109,7 +110,7 @@ def sid_weight(x_g: Tensor, real_x0: Tensor) -> Tensor:
 def sid_generator_loss(
     x_g: Tensor, real_x0: Tensor, fake_x0: Tensor, alpha: float, weight: Tensor | float = 1.0
 ) -> Tensor:
-    """SiD's generator loss (SiD eq. for L_theta with alpha; SiD-LSG Algorithm 1):
+    """SiD's generator loss (SiD Sec. 4, the alpha-fused loss; SiD-LSG training loop):
 
         L = w(t) [(1 - alpha) ||f_real - f_fake||^2 + (f_real - f_fake)^T (f_fake - x_g)],
 
@@ -182,24 +183,28 @@ class SiD(Recipe):
         teacher, cfg = self.teacher, self.cfg
         cond = teacher.encode(batch.prompts)
         n = len(batch.prompts)
-        fake: FakeScore = self.roles["fake_score"]
+        fake = self.roles["fake_score"]  # called whole when it trains: a DDP wrapper must see it
         k_train, k_fake, k_real = cfg.kappas()
         if role == "generator":
+            # frozen here, but differentiated through: bypass any wrapper, which would otherwise
+            # wait for gradients of weights that do not train in this step
+            fake = unwrap(fake)
             x_g = self._generate(batch, cond, with_grad=True)
             t = teacher.sample_t(n, batch.generator, cfg.min_t, cfg.max_t)
             x_t = teacher.add_noise(x_g, batch.randn(x_g.shape, x_g.device), t)
             real_x0 = teacher.denoise(teacher.denoiser, x_t, t, cond, k_real)
             logs: dict[str, Tensor] = {}
-            gan = x_g.new_zeros(())
+            gan, fake_x0 = x_g.new_zeros(()), None
             if cfg.gan_generator_weight > 0:
+                # SiDA: the logits come from the fake score's own features on generated x_t
                 g_cond = cond.with_empty_prompts() if k_fake is None else cond
                 out, logits = predict_with_features(teacher, fake, x_t, t, g_cond)
                 gan = gan_generator_loss(logits)
                 logs["gan"] = gan.detach()
-                shared = k_fake is None or k_fake == 1
-                fake_x0 = teacher.to_x0(out, x_t, t) if shared else None
-            if cfg.gan_generator_weight == 0 or fake_x0 is None:
-                fake_x0 = self._fake_x0(fake.net, x_t, t, cond, k_fake)
+                if k_fake is None or k_fake == 1:  # that forward is the fake score as well
+                    fake_x0 = teacher.to_x0(out, x_t, t)
+            if fake_x0 is None:
+                fake_x0 = self._fake_x0(fake, x_t, t, cond, k_fake)
             sid = sid_generator_loss(
                 x_g, real_x0, fake_x0, cfg.alpha, self._weight(x_g, real_x0, t)
             )
@@ -219,11 +224,11 @@ class SiD(Recipe):
         else:
             f_cond = cond
         if cfg.gan_discriminator_weight == 0:
-            pred = teacher.predict(fake.net, x_t, t, f_cond, k_train)
+            pred = teacher.predict(fake, x_t, t, f_cond, k_train)
             loss = denoising_loss(pred, target)
             return loss, {"denoise": loss.detach()}
         out, fake_logits = predict_with_features(teacher, fake, x_t, t, f_cond)
-        pred = out if k_train in (None, 1) else teacher.predict(fake.net, x_t, t, f_cond, k_train)
+        pred = out if k_train in (None, 1) else teacher.predict(fake, x_t, t, f_cond, k_train)
         dsm = denoising_loss(pred, target)
         real = teacher.encode_images(batch.images)
         real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
@@ -232,4 +237,5 @@ class SiD(Recipe):
             real_cond = real_cond.with_empty_prompts()
         _, real_logits = predict_with_features(teacher, fake, real_t, t, real_cond)
         disc = gan_discriminator_loss(real_logits, fake_logits)
-        return dsm + cfg.gan_discriminator_weight * disc, {"denoise": dsm.detach(), "disc": disc}
+        logs = {"denoise": dsm.detach(), "disc": disc.detach()}
+        return dsm + cfg.gan_discriminator_weight * disc, logs

@@ -136,6 +136,21 @@ class TeacherAdapter:
         """Shape features as (N, C, h, w) for a convolutional head."""
         return feats
 
+    def feature_blocks(self, net: nn.Module) -> list[tuple[nn.Module, int]]:
+        """The denoiser's main blocks in forward order with their output channels, for
+        discriminators that read several depths (default: only :meth:`feature_module`)."""
+        return [self.feature_module(net)]
+
+    def boundary_scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) that the export scheduler's step applies: its output is
+        ``c_skip * x_t + c_out * x0``. Default: none, the network's x0 as is."""
+        return torch.zeros_like(t, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32)
+
+    def solver_timesteps(self, n: int) -> Tensor:
+        """An ``n``-step ODE-solver grid, descending from t_max (default: the export
+        scheduler's own ``n``-step grid). Consistency distillation steps between neighbours."""
+        return self.generator_timesteps(n)
+
     # ------------------------------------------------------------------ shared machinery
     @property
     def denoiser(self) -> nn.Module:
@@ -198,14 +213,19 @@ class TeacherAdapter:
         x_t: Tensor,
         t: Tensor,
         cond: Conditioning,
-        guidance: float | None = None,
+        guidance: float | Tensor | None = None,
     ) -> Tensor:
-        """Network output with classifier-free guidance (``None`` or 1 = conditional only)."""
-        if guidance is None or guidance == 1.0:
+        """Network output with classifier-free guidance (``None`` or 1 = conditional only);
+        ``guidance`` may be a per-sample tensor of shape (N,)."""
+        per_sample = isinstance(guidance, Tensor)
+        if guidance is None or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond.cond)
         kwargs = tree_cat([cond.uncond, cond.cond])
         out = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), kwargs)
         out_uncond, out_cond = out.chunk(2)
+        if per_sample:
+            shape = (-1, *([1] * (out_cond.ndim - 1)))
+            guidance = guidance.to(out_cond.device, out_cond.dtype).reshape(shape)
         return out_uncond + guidance * (out_cond - out_uncond)
 
     def denoise(
@@ -214,10 +234,29 @@ class TeacherAdapter:
         x_t: Tensor,
         t: Tensor,
         cond: Conditioning,
-        guidance: float | None = None,
+        guidance: float | Tensor | None = None,
     ) -> Tensor:
         """x0 estimate; guidance is linear in the output, so it is the guided x0 as well."""
         return self.to_x0(self.predict(net, x_t, t, cond, guidance), x_t, t)
+
+    def consistency(
+        self,
+        net: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        guidance: float | Tensor | None = None,
+    ) -> Tensor:
+        """What one export-scheduler step returns as its clean sample: c_skip x_t + c_out x0.
+
+        This is LCM's consistency function f(x, t) (c_skip(0) = 1, c_out(0) = 0 make
+        f(x, 0) = x), and :meth:`generate` uses it so training-time samples equal the exported
+        pipeline's. Far from t = 0 it is x0 up to float rounding.
+        """
+        c_skip, c_out = self.boundary_scalings(t)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        x0 = self.denoise(net, x_t, t, cond, guidance)
+        return c_skip.to(x0).reshape(shape) * x_t + c_out.to(x0).reshape(shape) * x0
 
     def generator_timesteps(self, steps: int) -> Tensor:
         scheduler = self.export_scheduler()
@@ -245,11 +284,11 @@ class TeacherAdapter:
             t = timesteps[i].expand(noise.shape[0])
             if i < last:
                 with torch.no_grad():
-                    x0 = self.denoise(net, x, t, cond)
+                    x0 = self.consistency(net, x, t, cond)
                 fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
                 x = self.add_noise(x0, fresh.to(x0.device), timesteps[i + 1].expand(x.shape[0]))
             else:
-                x0 = self.denoise(net, x, t, cond)
+                x0 = self.consistency(net, x, t, cond)
         return x0
 
     @torch.no_grad()

@@ -63,6 +63,10 @@ class SanaAdapter(TeacherAdapter):
         width = int(net.config.num_attention_heads * net.config.attention_head_dim)
         return blocks[len(blocks) // 2], width
 
+    def feature_blocks(self, net: nn.Module) -> list[tuple[nn.Module, int]]:
+        width = int(net.config.num_attention_heads * net.config.attention_head_dim)
+        return [(block, width) for block in net.transformer_blocks]
+
     def features_to_map(self, feats: Tensor) -> Tensor:
         n, tokens, width = feats.shape
         side = math.isqrt(tokens)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from functools import cached_property
 
+import torch
 from diffusers import LCMScheduler
 from torch import Tensor, nn
 
@@ -27,6 +29,30 @@ class UNetAdapterMixin:
 
     def feature_module(self, net: nn.Module) -> tuple[nn.Module, int]:
         return net.mid_block, int(net.config.block_out_channels[-1])
+
+    def feature_blocks(self, net: nn.Module) -> list[tuple[nn.Module, int]]:
+        widths = [int(c) for c in net.config.block_out_channels]
+        down = list(zip(net.down_blocks, widths))
+        up = list(zip(net.up_blocks, reversed(widths)))
+        return [*down, (net.mid_block, widths[-1]), *up]
+
+    @cached_property
+    def _timestep_scaling(self) -> float:
+        return float(self.export_scheduler().config.timestep_scaling)
+
+    def boundary_scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        # LCMScheduler.get_scalings_for_boundary_condition_discrete, same float32 ops
+        # (sigma_data = 0.5): c_skip(0) = 1, c_out(0) = 0; at t = 999, c_skip ~ 2.5e-9.
+        scaled = t.float() * self._timestep_scaling
+        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        return c_skip, c_out
+
+    def solver_timesteps(self, n: int) -> Tensor:
+        # LCM's DDIM grid with skipping step k = T // n: [T-1, T-1-k, ..., k-1] (the grid that
+        # LCMScheduler's original_inference_steps=n samples from).
+        k = self.schedule.num_train_timesteps // n
+        return (torch.arange(n, 0, -1, device=self.device) * k - 1).float()
 
 
 @register_family("sd15")

@@ -139,8 +139,8 @@ def test_cmd_eval_writes_json_and_grid(
 def test_cmd_eval_needs_guidance_or_card(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--guidance"):
         cmd_eval(_eval_args([str(tiny_dirs["sd15"]), "--steps", "1"]))
-    card = tmp_path / "README.md"
-    card.write_text("distillkit\n`num_inference_steps=2` and `guidance_scale=0.0` ...")
+    meta = tmp_path / "distillkit.json"
+    meta.write_text('{"num_inference_steps": 2, "guidance_scale": 0.0, "recipe": "dmd2"}')
     assert export_call_defaults(tmp_path) == {"num_inference_steps": 2, "guidance_scale": 0.0}
     assert export_call_defaults(tiny_dirs["sd15"]) == {}
 

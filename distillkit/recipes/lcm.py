@@ -1,0 +1,182 @@
+"""LCM and LCM-LoRA: latent consistency distillation (Luo et al. 2023, arXiv:2310.04378;
+LCM-LoRA: Luo et al. 2023, arXiv:2311.05556).
+
+The student is a consistency function f(x, t) = c_skip(t) x + c_out(t) x0_student(x, t) (LCM
+Sec. 4.1, the parameterization of Song et al.'s consistency models); ``teacher.consistency`` is
+exactly what the exported scheduler's step returns, so the export needs nothing extra. Training
+(LCM Algorithm 1) takes x at t_{n+k} on the forward process, runs ONE guided teacher solver step
+to t_n (augmented PF-ODE, LCM Sec. 4.2, CFG scale 1 + omega with omega ~ U[w_min, w_max]) over
+the skipping interval k (Sec. 4.3), and pulls f(x_{t_{n+k}}, t_{n+k}) toward the target network's
+f(x_{t_n}, t_n) with a pseudo-Huber distance.
+
+One recipe name for both papers: LCM-LoRA *is* LCM with a LoRA student (``student.type: lora``);
+what changes with the student type is only the target network, derived here as LCM-LoRA's
+training script does. An alias name would duplicate a config that differs in no field.
+
+Defaults follow the authors' diffusers scripts (examples/consistency_distillation, written with
+the LCM team): k = 20 on 1000 steps (50 DDIM steps), omega in [3, 15] (their SDXL scripts; the
+SD1.5 full script uses [5, 15]), EMA target decay 0.95, pseudo-Huber c = 0.001.
+Not implemented: the omega-embedding of full LCM (``time_cond_proj_dim``) adds weights to the
+UNet and has no SANA counterpart; like LCM-LoRA the student averages over omega.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.gan import unwrap
+from distillkit.registry import register_recipe
+from distillkit.schema import Strict
+from distillkit.students import trainable_copy
+from distillkit.teachers.base import Conditioning, TeacherAdapter
+
+
+class LCMConfig(Strict):
+    name: Literal["lcm"] = "lcm"
+    latents: Literal["dataset", "teacher"] = Field(
+        "dataset", description="x0 from data.images (LCM trains on LAION) or teacher samples"
+    )
+    skipping_step: int = Field(20, ge=1, le=500, description="k: solver grid of T // k steps")
+    w_min: float = Field(3.0, ge=0, description="omega range; the teacher's CFG scale is 1+omega")
+    w_max: float = Field(15.0, ge=0)
+    target_ema_decay: float = Field(
+        0.95, ge=0, lt=1, description="mu of the EMA target (full students; LoRA: no target copy)"
+    )
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = Field(0.001, gt=0, description="pseudo-Huber c (diffusers LCM scripts)")
+    inference_steps: int = Field(4, ge=1, le=8, description="steps the export is called with")
+    teacher_steps: int = Field(25, ge=1, le=1000, description="latents=teacher: solver steps")
+    teacher_guidance: float | None = Field(
+        None, ge=0, description="latents=teacher: CFG scale (default: teacher.default_guidance)"
+    )
+    lr: dict[Literal["generator"], float] = Field(default_factory=lambda: {"generator": 1e-6})
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LCMConfig:
+        if self.w_max < self.w_min:
+            raise ValueError(f"w_max={self.w_max} is below w_min={self.w_min}")
+        return self
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def solver_step(schedule, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
+    """One deterministic solver step of the PF-ODE from t to t_prev, written once:
+    x_prev = alpha(t_prev) x0_hat + sigma(t_prev) eps_hat (DDIM, Song et al. 2021, eq. 12 with
+    eta = 0). With a flow schedule (alpha = 1 - sigma) this is exactly the Euler step
+    x + (sigma_prev - sigma) v. ``schedule`` is anything with to_x0 / to_eps / add_noise (a
+    teacher adapter or a :class:`~distillkit.diffusion.schedules.Schedule`)."""
+    x0 = schedule.to_x0(out, x_t, t)
+    eps = schedule.to_eps(out, x_t, t)
+    return schedule.add_noise(x0, eps, t_prev)
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """mean(sqrt((pred - target)^2 + c^2) - c): elementwise, as the diffusers LCM scripts do
+    (Song & Dhariwal 2023 use the per-sample norm); ~L2/(2c) near 0, ~L1 beyond c."""
+    diff = pred.float() - target.float()
+    return (torch.sqrt(diff.square() + c * c) - c).mean()
+
+
+def consistency_loss(pred: Tensor, target: Tensor, kind: str, c: float) -> Tensor:
+    if kind == "huber":
+        return pseudo_huber(pred, target, c)
+    return F.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """theta^- <- mu theta^- + (1 - mu) theta (LCM Algorithm 1, last line)."""
+    for p_t, p_s in zip(target.parameters(), source.parameters()):
+        p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+@register_recipe
+class LCM(Recipe):
+    config_class = LCMConfig
+
+    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+        super().__init__(run_cfg, teacher)
+        student = run_cfg.student
+        ckpt = run_cfg.train.gradient_checkpointing
+        net = trainable_copy(teacher.denoiser, student.type, student.lora, ckpt)
+        self.roles["generator"] = net
+        # Full LCM: an EMA copy is the target (theta^-). LCM-LoRA's script has none: the
+        # student itself under no_grad, which costs no memory.
+        self.target: nn.Module | None = None
+        if student.type == "full":
+            self.target = copy.deepcopy(net).requires_grad_(False).eval()
+        steps = max(teacher.schedule.num_train_timesteps // self.cfg.skipping_step, 1)
+        self.grid = self._with_zero(teacher.solver_timesteps(steps))
+
+    @classmethod
+    def needs_images(cls, cfg: LCMConfig) -> bool:
+        return cfg.latents == "dataset"
+
+    @property
+    def export_steps(self) -> int:
+        return self.cfg.inference_steps
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {"target": self.target} if self.target is not None else {}
+
+    def after_update(self, role: str, step: int) -> None:
+        if self.target is not None:
+            ema_update(self.target, unwrap(self.roles["generator"]), self.cfg.target_ema_decay)
+
+    def _with_zero(self, grid: Tensor) -> Tensor:
+        """Descending solver grid plus t = 0: the last interval lands on the boundary, where
+        c_skip = 1 and c_out = 0 make the target the solver's output itself."""
+        return torch.cat([grid.float(), grid.new_zeros(1).float()]).to(self.teacher.device)
+
+    @torch.no_grad()
+    def _teacher_latents(self, cond: Conditioning, batch: Batch) -> Tensor:
+        """Data-free x0: a guided teacher trajectory from pure noise on the same solver."""
+        teacher, n = self.teacher, len(batch.prompts)
+        scale = self.cfg.teacher_guidance
+        if scale is None:
+            scale = self.run_cfg.teacher.default_guidance or 1.0
+        x = batch.randn((n, *teacher.latent_shape()), teacher.device)
+        grid = self._with_zero(teacher.solver_timesteps(self.cfg.teacher_steps))
+        for t, t_prev in itertools.pairwise(grid):
+            t, t_prev = t.expand(n), t_prev.expand(n)
+            x = solver_step(
+                teacher, teacher.predict(teacher.denoiser, x, t, cond, scale), x, t, t_prev
+            )
+        return x
+
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher, cfg = self.teacher, self.cfg
+        if cfg.latents == "dataset":
+            cond = teacher.encode(batch.captions)
+            x0 = teacher.encode_images(batch.images)
+        else:
+            cond = teacher.encode(batch.prompts)
+            x0 = self._teacher_latents(cond, batch)
+        n, device = x0.shape[0], x0.device
+        index = torch.randint(len(self.grid) - 1, (n,), generator=batch.generator).to(device)
+        t_start, t_end = self.grid[index], self.grid[index + 1]
+        x_start = teacher.add_noise(x0, batch.randn(x0.shape, device), t_start)
+        omega = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=batch.generator)
+        student = self.roles["generator"]
+        pred = teacher.consistency(student, x_start, t_start, cond)
+        with torch.no_grad():
+            # augmented PF-ODE step: eps_c + omega (eps_c - eps_u), i.e. CFG scale 1 + omega
+            out = teacher.predict(teacher.denoiser, x_start, t_start, cond, 1.0 + omega.to(device))
+            x_end = solver_step(teacher, out, x_start, t_start, t_end)
+            target_net = self.target if self.target is not None else student
+            target = teacher.consistency(target_net, x_end, t_end, cond)
+        loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
+        return loss, {"consistency": loss.detach(), "omega": omega.mean()}
