@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
 from distillkit.engine.callbacks import default_callbacks
+from distillkit.engine.cards import card_info
 from distillkit.engine.debug import dump_rank_state
 from distillkit.engine.guards import (
     RunLock,
@@ -39,7 +40,7 @@ from distillkit.engine.guards import (
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
 from distillkit.export import ExportReport, export_student
-from distillkit.hub import CardInfo, write_model_card
+from distillkit.hub import write_model_card
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.registry import get_recipe
 from distillkit.students import trainable_parameters
@@ -375,34 +376,6 @@ class Trainer:
         }
         (self.output_dir / "export.json").write_text(json.dumps(summary, indent=1))
         return report
-
-
-def card_info(cfg: RunConfig, smoke: bool) -> CardInfo:
-    teacher = cfg.teacher
-    family_pipeline = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-    return CardInfo(
-        teacher_id=("tiny random " + teacher.family) if smoke else str(teacher.model_id),
-        teacher_revision=None if smoke else teacher.revision,
-        family=teacher.family,
-        pipeline_class=family_pipeline.get(teacher.family, "SanaPipeline"),
-        recipe=cfg.recipe.name,
-        student=cfg.student.type,
-        num_inference_steps=1,
-        guidance_scale=0.0,
-        scheduler="FlowMatchLCMScheduler" if teacher.family == "sana" else "LCMScheduler",
-        license=teacher.license,
-        config_summary=flat_summary(cfg),
-        has_lora=cfg.student.type == "lora" and cfg.export.lora_file,
-    )
-
-
-def flat_summary(cfg: RunConfig) -> dict:
-    out = {}
-    for section in ("recipe", "student", "train"):
-        for key, value in getattr(cfg, section).model_dump(mode="json").items():
-            if not isinstance(value, dict | list):
-                out[f"{section}.{key}"] = value
-    return out
 
 
 def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from distillkit.config import RunConfig
-from distillkit.engine.loop import card_info
+from distillkit.engine.cards import card_info
 from distillkit.engine.state import CheckpointDir, load_trainable, verify
 from distillkit.errors import ConfigError
 from distillkit.export import ExportReport, export_student

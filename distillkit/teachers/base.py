@@ -84,6 +84,7 @@ class TeacherAdapter:
     family: ClassVar[str]
     pipeline_class: ClassVar[str]
     denoiser_attr: ClassVar[str] = "unet"
+    export_scheduler_name: ClassVar[str]  # the class export_scheduler() returns (for cards)
     embedding_cache_size: ClassVar[int] = 4096
 
     def __init__(self, pipe: DiffusionPipeline, resolution: int, device: torch.device) -> None:

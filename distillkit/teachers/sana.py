@@ -17,6 +17,7 @@ from distillkit.teachers.base import TeacherAdapter
 class SanaAdapter(TeacherAdapter):
     pipeline_class = "SanaPipeline"
     denoiser_attr = "transformer"
+    export_scheduler_name = "FlowMatchLCMScheduler"
 
     def build_schedule(self, scheduler_config: dict) -> FlowSchedule:
         shift = float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)

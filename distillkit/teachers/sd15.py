@@ -17,6 +17,8 @@ from distillkit.teachers.base import TeacherAdapter
 class UNetAdapterMixin:
     """What SD1.5 and SDXL share: the VP schedule, the LCM export scheduler, mid-block features."""
 
+    export_scheduler_name = "LCMScheduler"
+
     def build_schedule(self, scheduler_config: dict) -> VPSchedule:
         return VPSchedule.from_scheduler_config(scheduler_config)
 
