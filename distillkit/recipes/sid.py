@@ -33,6 +33,8 @@ from distillkit.schema import Strict
 from distillkit.students import role_networks
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 
+LSG_SCALE = 4.5  # SiD-LSG's released kappa_1..4 (the CLIP-optimal setting; 1.5 is FID-optimal)
+
 
 class SiDConfig(Strict):
     name: Literal["sid"] = "sid"
@@ -42,9 +44,11 @@ class SiDConfig(Strict):
         description="lsg: the kappas below; zero_cfg: teacher without CFG, fake score on the "
         "empty prompt; anti_cfg: teacher without CFG, fake score at a negative CFG scale",
     )
-    real_guidance_scale: float = Field(4.5, ge=0, description="kappa_4: teacher CFG (LSG: 4.5)")
-    fake_guidance_scale: float = Field(
-        4.5, description="kappa_2 = kappa_3: fake-score CFG in the generator loss (< 0: anti_cfg)"
+    # None = the mode's own value: 4.5 (LSG) / 1 (Zero-, Anti-CFG) for the teacher, 4.5 (LSG) or
+    # the empty prompt (Zero-CFG) for the fake score; `key=null` on the command line restores it
+    real_guidance_scale: float | None = Field(None, ge=0, description="kappa_4: teacher CFG")
+    fake_guidance_scale: float | None = Field(
+        None, description="kappa_2 = kappa_3: fake-score CFG in the generator loss (anti_cfg: < 0)"
     )
     fake_train_guidance_scale: float | None = Field(
         None, description="kappa_1: fake-score CFG in its own loss; None = fake_guidance_scale"
@@ -71,29 +75,29 @@ class SiDConfig(Strict):
 
     @model_validator(mode="after")
     def _check_guidance(self) -> SiDConfig:
-        fixed = {"real_guidance_scale", "fake_train_guidance_scale"}
-        if self.guidance == "zero_cfg":
-            fixed.add("fake_guidance_scale")
-        if self.guidance != "lsg" and fixed & self.model_fields_set:
-            raise ValueError(
-                f"guidance={self.guidance} sets {sorted(fixed)} itself; remove them or use lsg"
-            )
-        negative = self.fake_guidance_scale < 0 or (self.fake_train_guidance_scale or 0) < 0
-        if self.guidance == "lsg" and negative:
+        scales = ("real_guidance_scale", "fake_guidance_scale", "fake_train_guidance_scale")
+        fixed = {"zero_cfg": scales, "anti_cfg": (scales[0], scales[2])}.get(self.guidance, ())
+        given = [k for k in fixed if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"guidance={self.guidance} sets {given} itself: set them to null")
+        fake, train = self.fake_guidance_scale, self.fake_train_guidance_scale
+        if self.guidance == "lsg" and min(fake or 0, train or 0) < 0:
             raise ValueError("a negative fake-score guidance is Anti-CFG: set guidance=anti_cfg")
-        if self.guidance == "anti_cfg" and self.fake_guidance_scale >= 0:
+        if self.guidance == "anti_cfg" and not (fake is not None and fake < 0):
             raise ValueError("guidance=anti_cfg needs a negative fake_guidance_scale (e.g. -1)")
         return self
 
     def kappas(self) -> tuple[float | None, float | None, float]:
-        """(fake training, fake in the generator loss, teacher) scales; None = empty prompt."""
+        """(kappa_1 fake training, kappa_2 = kappa_3 fake in the generator loss, kappa_4
+        teacher); None = the fake score on the empty prompt."""
         if self.guidance == "zero_cfg":
             return None, None, 1.0
         if self.guidance == "anti_cfg":
             return 1.0, self.fake_guidance_scale, 1.0
-        train = self.fake_train_guidance_scale
-        fake = self.fake_guidance_scale
-        return (fake if train is None else train), fake, self.real_guidance_scale
+        fake = LSG_SCALE if self.fake_guidance_scale is None else self.fake_guidance_scale
+        train = fake if self.fake_train_guidance_scale is None else self.fake_train_guidance_scale
+        real = LSG_SCALE if self.real_guidance_scale is None else self.real_guidance_scale
+        return train, fake, real
 
 
 # ----------------------------------------------------------------------------- pure math
