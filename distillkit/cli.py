@@ -1,4 +1,5 @@
-"""`distillkit run | validate | ls | export | push`: YAML recipes plus key.sub=value overrides.
+"""`distillkit run | validate | ls | plan | export | eval | push | demo`: recipes as YAML plus
+key.sub=value overrides.
 
 User errors (bad config, missing files, failed export checks) print one message and exit 2.
 """
@@ -85,10 +86,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from distillkit.hub import HubError, push_output
+    from distillkit.hub import HubError
+    from distillkit.publish import publish
 
     try:
-        url = push_output(
+        url, refreshed = publish(
             Path(args.output_dir),
             args.repo_id,
             private=args.private,
@@ -96,6 +98,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         )
     except HubError as err:
         raise DistillkitError(str(err)) from None
+    if not refreshed:
+        print("note: no run.yaml in OUTPUT_DIR: the model card was pushed as exported")
     print(f"pushed: {url}")
     return 0
 
@@ -127,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distillkit.demo import add_demo_parser
     from distillkit.evaluation.digits_eval import add_eval_parser
+    from distillkit.plan import add_plan_parser
 
     add_eval_parser(sub)
     add_demo_parser(sub)
+    add_plan_parser(sub)
 
     p = sub.add_parser("push", help="upload an exported run to the Hugging Face Hub")
     p.add_argument("output_dir")

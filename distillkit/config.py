@@ -100,6 +100,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     max_grad_norm: float = Field(10.0, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes 8-bit AdamW (CUDA), ~2 instead of 8 B/param"
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)

@@ -35,11 +35,12 @@ def trainable_copy(
     lora: LoraConfigSection | None = None,
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
-    """A copy of ``denoiser`` in fp32 whose trainable part is LoRA (peft) or every weight.
+    """A copy of ``denoiser`` whose trainable part is LoRA (peft) or every weight.
 
-    fp32 master weights keep small updates from vanishing; mixed precision happens in autocast.
+    Trained weights are fp32 masters, so small updates do not vanish (mixed precision happens in
+    autocast); a LoRA student's frozen base stays in the teacher's dtype.
     """
-    net = copy.deepcopy(denoiser).to(torch.float32)
+    net = copy.deepcopy(denoiser)
     net.requires_grad_(False)
     if kind == "lora":
         assert lora is not None
@@ -50,8 +51,11 @@ def trainable_copy(
                 f"student.lora.target_modules={lora.target_modules} matched nothing usable in "
                 f"{type(net).__name__}: {err}"
             ) from None
+        for name, param in net.named_parameters():  # the frozen base keeps the teacher's dtype
+            if "lora_" in name:
+                param.data = param.data.float()
     elif kind == "full":
-        net.requires_grad_(True)
+        net.to(torch.float32).requires_grad_(True)
     else:
         raise ValueError(f"unknown student type {kind!r}")
     if gradient_checkpointing:

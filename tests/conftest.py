@@ -16,8 +16,11 @@ FAMILIES = ("sd15", "sdxl", "sana")
 def _isolated_environment(tmp_path_factory):
     """No test reaches the network or writes to the user's caches (subprocesses inherit this)."""
     cache = tmp_path_factory.mktemp("distillkit-cache")
-    saved = {k: os.environ.get(k) for k in ("DISTILLKIT_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")}
+    keys = ("DISTILLKIT_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE", "MPLCONFIGDIR", "OMP_WAIT_POLICY")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ["DISTILLKIT_CACHE"] = str(cache)
+    os.environ["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("matplotlib"))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["WANDB_MODE"] = "offline"
     torch.set_num_threads(2)

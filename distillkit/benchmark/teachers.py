@@ -26,9 +26,15 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torch import Tensor
 
-from distillkit.data.digits import PROMPT_TEMPLATES, eval_prompts, load_digits_split, prompt_for
+from distillkit.data.digits import (
+    NUM_CLASSES,
+    PROMPT_TEMPLATES,
+    eval_prompts,
+    load_digits_split,
+    prompt_for,
+)
 from distillkit.registry import get_family
-from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_map
+from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.teachers.load import cache_root
 from distillkit.teachers.tiny import FAMILIES, TinySpec, build_tiny_pipeline
 
@@ -53,7 +59,8 @@ class TeacherSpec:
     prompt_dropout: float = 0.1  # share of empty-prompt samples, for classifier-free guidance
     flow_shift: float | None = None  # SANA: replaces the scheduler's flow_shift (None keeps it)
     default_guidance: float = 3.0  # best guidance measured at 25 steps (teacher card value)
-    train_text: bool = False  # train the text encoders jointly (else random and frozen)
+    text_steps: int = 100  # semantic pretraining of the (then frozen) text encoders
+    text_lr: float = 3e-3
     seed: int = 0
 
     @property
@@ -163,14 +170,52 @@ def _text_encoders(adapter: TeacherAdapter) -> list[torch.nn.Module]:
     return [m for k, m in comps.items() if k.startswith("text_encoder") and m is not None]
 
 
-def _conditioning(adapter: TeacherAdapter, prompts: list[str], trainable: bool) -> Conditioning:
-    """adapter.encode (cached, frozen) or, when the encoders train, each unique prompt once."""
-    if not trainable:
-        return adapter.encode(prompts)
-    unique = list(dict.fromkeys(prompts))
-    cond, uncond = adapter.encode_prompts(unique)
-    index = torch.tensor([unique.index(p) for p in prompts])
-    return Conditioning(tree_map(lambda t: t[index], cond), tree_map(lambda t: t[index], uncond))
+def _pooled_outputs(cond: dict) -> list[Tensor]:
+    """Every trainable text output as (N, D): token sequences averaged over valid tokens."""
+    mask = cond.get("encoder_attention_mask")
+    out = []
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            out += _pooled_outputs(value)
+        elif isinstance(value, Tensor) and value.requires_grad and value.ndim == 3:
+            w = torch.ones(value.shape[:2]) if mask is None else mask.float()
+            out.append((value * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+        elif isinstance(value, Tensor) and value.requires_grad and key != "encoder_attention_mask":
+            out.append(value)
+    return out
+
+
+def supervised_contrastive(features: Tensor, labels: Tensor, tau: float = 0.1) -> Tensor:
+    """Khosla et al. 2020 on batch-centred features: same digit together, others apart."""
+    z = F.normalize(features - features.mean(0), dim=1)
+    logits = (z @ z.T / tau).masked_fill(torch.eye(len(z), dtype=torch.bool), float("-inf"))
+    positive = (labels[:, None] == labels[None]) & ~torch.eye(len(z), dtype=torch.bool)
+    log_prob = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)
+    return -(log_prob.sum(1) / positive.sum(1)).mean()
+
+
+def pretrain_text(adapter: TeacherAdapter, spec: TeacherSpec) -> dict:
+    """Give the random text encoders the one semantic skill real ones bring: the digit's name
+    dominates the embedding, whatever the template. Without it the embeddings are template-
+    dominated and the denoiser needs thousands of steps before it reads the prompt at all."""
+    encoders = _text_encoders(adapter)
+    params = [p for m in encoders for p in m.parameters()]
+    for m in encoders:
+        m.requires_grad_(True).train()
+    prompts = [prompt_for(y, j) for y in range(NUM_CLASSES) for j in range(len(PROMPT_TEMPLATES))]
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(len(PROMPT_TEMPLATES))
+    opt = torch.optim.AdamW(params, lr=spec.text_lr, weight_decay=0.0)
+    losses = []
+    for _ in range(spec.text_steps):
+        cond, _ = adapter.encode_prompts(prompts)
+        loss = sum(supervised_contrastive(f, labels) for f in _pooled_outputs(cond))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for m in encoders:
+        m.requires_grad_(False).eval()
+    return {"text_first_loss": losses[0], "text_final_loss": losses[-1]} if losses else {}
 
 
 def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> dict:
@@ -178,10 +223,8 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
     net = adapter.denoiser
     latents = torch.cat([adapter.encode_images(b) for b in split.train_images.split(256)])
     labels = split.train_labels
-    modules = [net, *(_text_encoders(adapter) if spec.train_text else [])]
-    for m in modules:
-        m.requires_grad_(True).train()
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    net.requires_grad_(True).train()
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup, spec.steps)
     ema = EMAModel(params, decay=spec.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -191,7 +234,7 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
         idx = torch.randint(0, len(latents), (spec.batch_size,), generator=gen)
         prompts = [prompt_for(int(y), rng.randrange(len(PROMPT_TEMPLATES))) for y in labels[idx]]
         drop = torch.rand(spec.batch_size, generator=gen) < spec.prompt_dropout
-        kwargs = _mix(_conditioning(adapter, prompts, spec.train_text), drop)
+        kwargs = _mix(adapter.encode(prompts), drop)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = adapter.sample_t(spec.batch_size, gen)
@@ -207,8 +250,7 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
         if step % 250 == 0:
             _log(f"denoiser step {step}/{spec.steps} loss {_tail(losses):.4f}")
     ema.copy_to(params)
-    for m in modules:
-        m.requires_grad_(False).eval()
+    net.requires_grad_(False).eval()
     return {"loss_first": _tail(losses[:50]), "loss_final": _tail(losses)}
 
 
@@ -232,6 +274,7 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
         report = train_vae(pipe.vae, split.train_images, spec, gen)
         vae_seconds = time.perf_counter() - start
         adapter = get_family(family)(pipe, RESOLUTION, torch.device("cpu"))
+        report |= pretrain_text(adapter, spec)
         report |= train_denoiser(adapter, split, spec, gen)
     report |= {
         "family": family,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from distillkit.config import RunConfig
     from distillkit.engine.loop import RunResult, Trainer
 
 
@@ -26,6 +27,40 @@ class Callback:
         """After the final checkpoint and export."""
 
 
-def default_callbacks(cfg) -> list[Callback]:
-    """The callbacks a config asks for."""
-    return []
+class HubPushCallback(Callback):
+    """hub.push: refresh the card (repo id, eval table, last grid) and upload the export."""
+
+    def __init__(self, repo_id: str, private: bool, revision: str | None) -> None:
+        self.repo_id, self.private, self.revision = repo_id, private, revision
+
+    def on_train_end(self, trainer: Trainer, result: RunResult) -> None:
+        from distillkit.errors import DistillkitError
+        from distillkit.hub import HubError
+        from distillkit.publish import publish
+
+        try:
+            url, _ = publish(
+                result.output_dir, self.repo_id, private=self.private, revision=self.revision
+            )
+        except HubError as err:
+            raise DistillkitError(
+                f"{err}. The run and its export are complete: retry with "
+                f"`distillkit push {result.output_dir} --repo-id {self.repo_id}`"
+            ) from None
+        trainer.accelerator.print(f"pushed to the Hub: {url}")
+
+
+def default_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The callbacks a config asks for, in order: samples, report, then the Hub push."""
+    from distillkit.engine.report import ReportCallback
+    from distillkit.engine.samples import SampleCallback
+
+    out: list[Callback] = []
+    if cfg.logging.sample_every > 0:
+        out.append(SampleCallback(cfg.logging, cfg.teacher.default_guidance))
+    if cfg.logging.report:
+        out.append(ReportCallback())
+    if cfg.hub.push and cfg.export.enabled:
+        assert cfg.hub.repo_id is not None  # validated by HubConfig
+        out.append(HubPushCallback(cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision))
+    return out

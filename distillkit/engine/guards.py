@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distillkit.config import RunConfig
+from distillkit.engine.optim import check_optimizer
 from distillkit.engine.state import CheckpointDir
 from distillkit.errors import ConfigError, DistillkitError
 
@@ -26,6 +27,7 @@ class TrainingDiverged(DistillkitError):
 
 def check_runtime(cfg: RunConfig) -> None:
     """GPU-only options fail here with the field name, before any weights are loaded."""
+    check_optimizer(cfg.train)
     cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -38,7 +38,9 @@ from distillkit.engine.guards import (
     use_xformers,
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
+from distillkit.engine.optim import build_optimizer
 from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
+from distillkit.errors import ConfigError
 from distillkit.export import ExportReport, export_student
 from distillkit.hub import write_model_card
 from distillkit.recipes.base import Batch, Recipe
@@ -100,15 +102,15 @@ class Trainer:
     def _build_optimisation(self) -> None:
         cfg, acc = self.cfg.train, self.accelerator
         names = list(self.recipe.roles)
+        if acc.distributed_type == DistributedType.DEEPSPEED and len(names) > 1:
+            raise ConfigError(
+                f"recipe {self.cfg.recipe.name!r} trains {len(names)} networks ({names}); "
+                "accelerate's DeepSpeed integration prepares only one model per run. Use an "
+                "FSDP preset (recipes/accelerate/fsdp_*.yaml) or DDP instead"
+            )
         self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
         optimizers = [
-            torch.optim.AdamW(
-                self.params[n],
-                lr=self.recipe.learning_rate(n),
-                betas=(cfg.adam_beta1, cfg.adam_beta2),
-                weight_decay=cfg.weight_decay,
-            )
-            for n in names
+            build_optimizer(self.params[n], cfg, self.recipe.learning_rate(n)) for n in names
         ]
         schedulers = [
             get_scheduler(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.max_steps)
@@ -215,6 +217,7 @@ class Trainer:
                     return None
                 logs[f"{role}/grad_norm"] = grad_norm.detach()
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # hold one role's gradients at a time
                 self.schedulers[role].step()
                 self.recipe.after_update(role, step)
                 if role == self.recipe.generator_role and self.ema is not None:

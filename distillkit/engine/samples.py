@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from distillkit.engine.loop import RunResult, Trainer
 
 DIVERSITY_LOG = "samples/diversity.jsonl"
+CHUNK = 4  # samples per generator call
 
 
 def diversity_stats(images: torch.Tensor) -> dict[str, float]:
@@ -96,12 +97,12 @@ class SampleCallback(Callback):
         self.noise = torch.randn(shape, generator=gen).to(teacher.device)
         self.out_dir = Path(trainer.output_dir) / "samples"
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        steps = self.cfg.collapse_teacher_steps
         with _quiet_rng(), trainer.accelerator.autocast():
-            cond = teacher.encode(self.texts)
-            latents = teacher_samples(
-                teacher, self.noise, cond, self.cfg.collapse_teacher_steps, self.guidance
+            images = self._chunked(
+                teacher,
+                lambda noise, cond, i: teacher_samples(teacher, noise, cond, steps, self.guidance),
             )
-            images = teacher.decode_latents(latents).float().cpu()
         self.reference = diversity_stats(images)
         self._save(images, self.out_dir / "teacher.png")
         self.use_wandb = "wandb" in trainer.cfg.logging.backends
@@ -133,12 +134,25 @@ class SampleCallback(Callback):
         teacher, acc = trainer.teacher, trainer.accelerator
         net = acc.unwrap_model(trainer.recipe.generator_net())
         nets = [net, teacher.denoiser]  # a shared-base adapter runs the teacher's modules
+        steps = trainer.recipe.export_steps
+
+        def run(noise: torch.Tensor, cond, i: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(self.cfg.sample_seed + 1 + i)
+            return teacher.generate(net, noise, cond, steps=steps, generator=gen)
+
         with torch.no_grad(), _quiet_rng(), eval_mode(*nets), acc.autocast():
-            cond = teacher.encode(self.texts)
-            gen = torch.Generator().manual_seed(self.cfg.sample_seed + 1)
-            steps = trainer.recipe.export_steps
-            latents = teacher.generate(net, self.noise, cond, steps=steps, generator=gen)
-            return teacher.decode_latents(latents).float().cpu()
+            return self._chunked(teacher, run)
+
+    @torch.no_grad()
+    def _chunked(self, teacher: TeacherAdapter, sample) -> torch.Tensor:
+        """``sample(noise, cond, chunk)`` -> latents, CHUNK samples at a time (bounded memory
+        at 1024 px), decoded to images on the CPU."""
+        out = []
+        for i, start in enumerate(range(0, len(self.texts), CHUNK)):
+            texts = self.texts[start : start + CHUNK]
+            latents = sample(self.noise[start : start + CHUNK], teacher.encode(texts), i)
+            out.append(teacher.decode_latents(latents).float().cpu())
+        return torch.cat(out)
 
     def sample(self, trainer: Trainer, step: int) -> dict[str, float]:
         self.last_step = step

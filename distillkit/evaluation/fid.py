@@ -189,7 +189,10 @@ def reference_stats(
         raise ConfigError(f"--fid-reference: {path} is neither a folder of images nor an .npz")
     from distillkit.data.sources import read_image_folder
 
-    images, _ = read_image_folder(path, resolution or RESIZE)
+    try:
+        images, _ = read_image_folder(path, resolution or RESIZE)
+    except ConfigError as err:  # its messages name data.images; here the option is ours
+        raise ConfigError(str(err).replace("data.images", "--fid-reference")) from None
     if len(images) < 2:
         raise ConfigError(f"--fid-reference: {path} needs at least 2 images")
     mu, sigma = feature_stats(inception_features(model, images))

@@ -134,7 +134,11 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
     from distillkit.evaluation.generate import export_call_defaults
 
     metrics = parse_metrics(args.metrics)
-    prompts = read_prompts(Path(args.prompts), args.prompt_column)
+    try:
+        prompts = read_prompts(Path(args.prompts), args.prompt_column)
+    except ConfigError as err:  # its messages name the run config's fields; here: our flags
+        text = str(err).replace("data.prompt_column", "--prompt-column")
+        raise ConfigError(text.replace("data.prompts", "--prompts")) from None
     card = export_call_defaults(args.pipeline_dir)
     steps = args.steps if args.steps is not None else card.get("num_inference_steps")
     guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")

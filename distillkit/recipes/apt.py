@@ -10,7 +10,7 @@ convolutional heads of gan.py at the same relative depths, their logits averaged
 approximated R1 (APT's L_aR1) replaces the double-backward gradient penalty:
 lambda * ||D(x_t) - D(x_t + sigma n)||^2 on real inputs, sigma = 0.01, lambda = 100.
 
-Settings as the paper reports them for images (1024px): RMSProp alpha = 0.9, i.e. Adam with
+Settings of the paper's image runs (1024px) as we read them: RMSProp alpha = 0.9, i.e. Adam with
 beta1 = 0, beta2 = 0.9 (set in the YAMLs through train.adam_*), learning rate 5e-6 for both
 networks, generator EMA decay 0.995 (train.ema.decay), one discriminator update per generator
 update. Not implemented: APT's cross-attention-only discriminator blocks with learnable query
@@ -19,7 +19,6 @@ tokens (distillkit's adapters expose feature maps, so the heads are convolutiona
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from distillkit.recipes.gan import (
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
-from distillkit.students import trainable_copy
+from distillkit.students import plain_copy, trainable_copy
 from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -168,7 +167,7 @@ def load_exported_denoiser(path: str, teacher: TeacherAdapter) -> nn.Module:
     state: dict[str, Tensor] = {}
     for name in files:
         state.update(load_file(str(folder / name)))
-    net = copy.deepcopy(teacher.denoiser)
+    net = plain_copy(teacher.denoiser)  # transient: trainable_copy makes the fp32 student
     own = net.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -177,16 +176,9 @@ def load_exported_denoiser(path: str, teacher: TeacherAdapter) -> nn.Module:
         for k in sorted(own.keys() & state.keys())
         if state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
-        detail = "; ".join(
-            f"{label} e.g. {items[:2]}"
-            for label, items in (
-                (f"{len(missing)} missing", missing),
-                (f"{len(unexpected)} unexpected", unexpected),
-                (f"{len(shapes)} shape mismatches", shapes),
-            )
-            if items
-        )
+    problems = {"missing": missing, "unexpected": unexpected, "shape mismatches": shapes}
+    if any(problems.values()):
+        detail = "; ".join(f"{len(v)} {k}, e.g. {v[:2]}" for k, v in problems.items() if v)
         raise ConfigError(
             f"recipe.init_from: the {attr} in {root} does not fit the teacher's "
             f"{type(net).__name__} ({detail}); export it from a run on the same teacher"

@@ -13,7 +13,8 @@ from distillkit.cli import main
 from distillkit.config import load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+# recipes/accelerate/ holds accelerate launch configs, not run configs (tests/unit/test_presets.py)
+SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 
 
 def test_there_are_shipped_recipes():

@@ -1,0 +1,287 @@
+"""`distillkit plan RECIPE.yaml`: predicted peak memory per device, and the levers that fit it.
+
+Why: a DMD2 SDXL run that does not fit is found out after the teacher has downloaded and the
+first step has run. The plan counts every byte the loop will hold, from the teacher's published
+architecture on the meta device (no weights), and tries each lever on the same config.
+Calibration (CPU, real-size SD1.5 UNet) and validation: evaluation/results/perf.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from dataclasses import dataclass, field
+
+from distillkit.plan_arch import (
+    DENOISERS,
+    build_meta,
+    component_dirs,
+    count_params,
+    n_params,
+    trace_activations,
+)
+
+GIB = 2**30
+# Peak activation memory = saved-for-backward bytes x K + C (backward transients: activation
+# gradients, attention kernels' scratch). Fitted on the CPU to a real-size SD1.5 UNet at 16^2
+# and 32^2 latents (LoRA, fp32): see evaluation/results/perf.json "activation_calibration".
+ACT_K, ACT_K_CKPT, ACT_C = 1.5, 4.5, 0.22 * GIB
+BF16_ACT = 0.6  # saved bytes under bf16 autocast / fp32 (norms stay fp32); CPU-measured
+CUDA_OVERHEAD = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
+STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}
+SHARDED = {"none": (), "fsdp": ("w", "g", "o"), "zero3": ("w", "g", "o"), "zero2": ("g", "o")}
+
+
+@dataclass
+class Role:
+    name: str
+    kind: str  # full | lora
+    base: int  # denoiser parameters in this role's own copy (0 with a shared base)
+    trainable: int
+    head: int = 0  # GAN head parameters (trained with the role)
+
+
+@dataclass
+class Plan:
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (label, bytes)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+
+def _denoiser_dir(dirs):
+    return dirs[next(d for d in DENOISERS if d in dirs)]
+
+
+@functools.lru_cache(maxsize=16)
+def _lora_params(folder, rank: int, alpha: float, targets: tuple) -> int:
+    from distillkit.config import LoraConfigSection
+    from distillkit.students import lora_config
+
+    net = build_meta(folder)
+    net.add_adapter(lora_config(LoraConfigSection(rank=rank, alpha=alpha, target_modules=targets)))
+    return sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
+
+
+def _head_params(folder) -> int:
+    from distillkit.recipes.gan import DiscriminatorHead
+
+    c = json.loads((folder / "config.json").read_text())
+    width = (c.get("block_out_channels") or [None])[-1]
+    return n_params(DiscriminatorHead(width or c["num_attention_heads"] * c["attention_head_dim"]))
+
+
+def _roles(cfg, dirs, denoiser_params: int) -> list[Role]:
+    """The recipe's trainable networks: `recipe.lr` names them; kinds follow the config."""
+    rc, st = cfg.recipe, cfg.student
+    folder = _denoiser_dir(dirs)
+    lora = None
+    roles = []
+    for name in rc.lr:
+        kind = st.type if name == "generator" else getattr(rc, name, "full")
+        kind = kind if kind in ("full", "lora") else "full"
+        if kind == "lora" and lora is None:
+            sl = st.lora
+            lora = _lora_params(folder, sl.rank, sl.alpha, tuple(sl.target_modules))
+        trainable = denoiser_params if kind == "full" else lora
+        base = 0 if (kind == "lora" and st.shared_base) else denoiser_params
+        gan = name == "fake_score" and getattr(rc, "gan", False)
+        head = _head_params(folder) if gan else 0
+        roles.append(Role(name, kind, base, trainable, head))
+    if getattr(rc, "target_ema_decay", None) is not None and st.type == "full":
+        roles.append(Role("ema target", "frozen", denoiser_params, 0))
+    return roles
+
+
+@functools.lru_cache(maxsize=64)
+def _trace(folder, lora: tuple | None, latent: int, input_grad: bool) -> tuple[int, int]:
+    """(saved, checkpointed) bytes per sample; ``lora``: (rank, alpha, targets) or None."""
+    net = build_meta(folder)
+    if lora is not None or input_grad:
+        net.requires_grad_(False)
+    if lora is not None:
+        from distillkit.config import LoraConfigSection
+        from distillkit.students import lora_config
+
+        section = LoraConfigSection(rank=lora[0], alpha=lora[1], target_modules=list(lora[2]))
+        net.add_adapter(lora_config(section))
+    tr = trace_activations(net, 1, latent, input_grad)
+    return tr.saved, tr.checkpointed
+
+
+def _activations(cfg, dirs, roles: list[Role], latent: int, batch: int) -> float:
+    """Saved bytes of the worst phase: DMD2/SiD's generator step also back-propagates through the
+    frozen fake score (GAN / SiD term); a GAN discriminator step runs the fake score twice."""
+    ckpt, rc = cfg.train.gradient_checkpointing, cfg.recipe
+    folder = dirs[next(d for d in DENOISERS if d in dirs)]
+    sl = cfg.student.lora
+    lora = (sl.rank, sl.alpha, tuple(sl.target_modules))
+    pick = 1 if ckpt else 0
+    phases = []
+    for role in roles:
+        if role.kind == "frozen":
+            continue
+        own = _trace(folder, lora if role.kind == "lora" else None, latent, False)[pick]
+        if role.name == "fake_score" and getattr(rc, "gan_discriminator_weight", 0) > 0:
+            own *= 2
+        phases.append((role.name, own))
+    through_fake = getattr(rc, "gan_generator_weight", 0) > 0 or rc.name == "sid"
+    if through_fake and any(r.name == "fake_score" for r in roles):
+        extra = _trace(folder, None, latent, True)[pick]
+        phases = [(n, b + extra if n == "generator" else b) for n, b in phases]
+    saved = max(b for _, b in phases) * batch
+    if cfg.train.mixed_precision != "no":
+        saved *= BF16_ACT
+    return saved * (ACT_K_CKPT if ckpt else ACT_K) + ACT_C
+
+
+def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int = 1) -> Plan:
+    """Peak bytes per device for ``cfg`` (a RunConfig), row by row."""
+    dirs = component_dirs(cfg.teacher)
+    name = next(d for d in DENOISERS if d in dirs)
+    p_den = count_params(dirs[name])
+    cuda = device == "cuda"
+    t_bytes = 2 if (cuda and cfg.teacher.dtype in ("auto", "bf16", "fp16")) else 4
+    plan = Plan()
+    frozen = {k: count_params(v) for k, v in dirs.items() if k != name}
+    teacher = p_den + sum(frozen.values())
+    parts = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in {name: p_den, **frozen}.items())
+    plan.rows.append((f"teacher, frozen ({t_bytes * 8}-bit): {parts}", teacher * t_bytes))
+    roles = _roles(cfg, dirs, p_den)
+    n = max(gpus, 1)
+    split = {k: (n if k in SHARDED[sharding] else 1) for k in "wgo"}
+    for r in roles:
+        what = {"full": "full fp32 copy", "lora": "LoRA", "frozen": "fp32 copy"}[r.kind]
+        if r.kind == "lora":
+            what += " on the shared base" if r.base == 0 else " + fp32 base copy"
+        weights = (r.base + (r.trainable if r.kind == "lora" else 0) + r.head) * 4
+        plan.rows.append((f"{r.name} weights ({what})", weights / split["w"]))
+    trained = sum(r.trainable + r.head for r in roles)
+    plan.rows.append(
+        ("gradients (fp32, every role's kept until its next step)", trained * 4 / split["g"])
+    )
+    opt = cfg.train.optimizer
+    plan.rows.append(
+        (
+            f"optimizer states ({opt}: {STATE_BYTES[opt]:g} B/param)",
+            trained * STATE_BYTES[opt] / split["o"],
+        )
+    )
+    if cfg.train.ema.decay > 0:
+        gen = next(r for r in roles if r.name == "generator")
+        plan.rows.append(("generator EMA (fp32)", gen.trainable * 4 / split["w"]))
+    if cfg.train.mixed_precision != "no":
+        most = max(r.trainable + r.head for r in roles)
+        plan.rows.append(
+            ("autocast bf16 copies of the trained role's weights", most * 2 / split["w"])
+        )
+    latent = _latent_size(cfg, dirs, name)
+    acts = _activations(cfg, dirs, roles, latent, cfg.train.batch_size)
+    ck = "on" if cfg.train.gradient_checkpointing else "off"
+    plan.rows.append(
+        (f"activations (batch {cfg.train.batch_size}, {latent}x{latent} latents, ckpt {ck})", acts)
+    )
+    if cuda:
+        plan.rows.append(("CUDA context and allocator slack", CUDA_OVERHEAD))
+    return plan
+
+
+def _latent_size(cfg, dirs, denoiser: str) -> int:
+    vae = json.loads((dirs["vae"] / "config.json").read_text()) if "vae" in dirs else {}
+    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    if vae.get("_class_name") == "AutoencoderDC":
+        factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)
+    return int(cfg.teacher.resolution) // factor
+
+
+# ----------------------------------------------------------------------------- levers and CLI
+
+
+def _with(cfg, **changes):
+    """A copy of ``cfg`` with dotted-path changes (no re-validation: plans only read it)."""
+    out = cfg.model_copy(deep=True)
+    for path, value in changes.items():
+        node, *rest = path.split("__")
+        target = getattr(out, node)
+        for part in rest[:-1]:
+            target = getattr(target, part)
+        setattr(target, rest[-1], value)
+    return out
+
+
+def lever_configs(cfg, sharding: str) -> list[tuple[str, object, str, int]]:
+    """(label, config, sharding, gpus) for each lever not yet on, then all of them together."""
+    allowed = getattr(cfg.recipe, "students", ("lora", "full"))
+    lora = {"student__type": "lora"}
+    if hasattr(cfg.recipe, "fake_score"):
+        lora["recipe__fake_score"] = "lora"
+    out, everything = [], {}
+    if "lora" in allowed and cfg.student.type != "lora":
+        out.append(("LoRA student (student.type=lora, recipe.fake_score=lora)", lora))
+    if "lora" in allowed and not cfg.student.shared_base:
+        shared = {**lora, "student__shared_base": True}
+        out.append(("adapter-shared base (student.shared_base=true)", shared))
+        everything.update(shared)
+    if not cfg.train.gradient_checkpointing:
+        out.append(("gradient checkpointing", {"train__gradient_checkpointing": True}))
+        everything["train__gradient_checkpointing"] = True
+    if cfg.train.mixed_precision == "no":
+        out.append(("bf16 mixed precision", {"train__mixed_precision": "bf16"}))
+        everything["train__mixed_precision"] = "bf16"
+    if cfg.train.optimizer == "adamw":
+        out.append(("8-bit AdamW (train.optimizer=adamw8bit)", {"train__optimizer": "adamw8bit"}))
+        everything["train__optimizer"] = "adamw8bit"
+    rows = [(label, _with(cfg, **ch), sharding, 1) for label, ch in out]
+    if sharding == "none":
+        rows.append(("FSDP over 8 GPUs (recipes/accelerate/fsdp_*.yaml)", cfg, "fsdp", 8))
+    if len(everything) > 1:
+        rows.append(("all of the above (one GPU)", _with(cfg, **everything), sharding, 1))
+    return rows
+
+
+def parse_memory(text: str) -> float:
+    """'80GB' / '80' / '24GiB' / '512MB' -> bytes (GB read as GiB, as GPU sizes are quoted)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = {"g": GIB, "m": 2**20, "t": 2**40}.get(t[-1:])
+    return float(t[:-1]) * scale if scale else float(t) * GIB
+
+
+def format_plan(plan: Plan, budget: float) -> str:
+    width = max(len(label) for label, _ in plan.rows) + 2
+    lines = [f"{'component':<{width}}{'GiB':>8}"]
+    lines += [f"{label:<{width}}{b / GIB:>8.2f}" for label, b in plan.rows]
+    verdict = "fits" if plan.total <= budget else "does NOT fit"
+    lines.append(f"{'peak per device':<{width}}{plan.total / GIB:>8.2f}")
+    lines.append(f"{verdict} in {budget / GIB:.0f} GiB")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    budget = parse_memory(args.gpu_memory)
+    plan = plan_memory(cfg, device=args.device, sharding=args.sharding, gpus=args.gpus)
+    where = f"{args.gpus} GPUs, {args.sharding}" if args.sharding != "none" else "1 device"
+    print(f"{args.config}: {cfg.recipe.name} on {cfg.teacher.family} ({where})")
+    print(format_plan(plan, budget))
+    print("\nlevers (peak per device if applied):")
+    for label, lever_cfg, sharding, gpus in lever_configs(cfg, args.sharding):
+        total = plan_memory(lever_cfg, device=args.device, sharding=sharding, gpus=gpus).total
+        mark = "fits" if total <= budget else "    "
+        print(f"  {label:<58}{total / GIB:>8.2f} GiB  {mark}")
+    return 0
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="predict peak memory per device and the levers")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--gpu-memory", default="80GB", help="memory per device (default 80GB)")
+    p.add_argument("--gpus", type=int, default=1, help="devices the run is sharded over")
+    p.add_argument("--sharding", choices=sorted(SHARDED), default="none")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.set_defaults(func=cmd_plan)

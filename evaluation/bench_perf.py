@@ -1,0 +1,172 @@
+"""`make bench-perf`: loop overhead, memory (measured vs `distillkit plan`), export latency.
+
+CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
+- "mid" UNet: the SD1.5 block layout at 128-512 channels (~140M params); "real": the real
+  859.5M-parameter SD1.5 UNet config. Both with small text encoder / VAE (not what is measured).
+- overhead_ratio = Trainer step time / the bare forward+backward passes that step needs (same
+  process, networks and shapes); DMD2 with fake_updates_per_generator=1 so a step has both roles.
+- plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
+Writes evaluation/results/perf.json. Each measurement runs in a fresh process (perf_worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("PERF_WORK", "/tmp/distillkit-perf"))
+OUT = ROOT / "evaluation" / "results" / "perf.json"
+UNETS = {"mid": (128, 256, 512, 512), "real": (320, 640, 1280, 1280)}
+PROMPTS = ["a photo of a cat", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]
+
+
+def teacher_dir(size: str) -> Path:
+    """A saved SD1.5-layout pipeline with a random UNet of ``size`` (built once)."""
+    out = WORK / f"teacher-{size}"
+    if (out / "model_index.json").is_file():
+        return out
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from distillkit.teachers.tiny import TinySpec, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(TinySpec("sd15", sample_size=256, text_hidden=768))
+    cfg = json.loads((ROOT / "teachers/configs/sd15/unet/config.json").read_text())
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel.from_config(
+        {**cfg, "block_out_channels": UNETS[size], "sample_size": 32}
+    )
+    pipe.register_modules(unet=pipe.unet)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def run_config(name: str, size: str, student: str, shared: bool = False, **train) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    data = {
+        "output_dir": str(WORK / "runs" / name),
+        "teacher": {"model_id": str(teacher_dir(size)), "family": "sd15", "resolution": 256},
+        "student": {"type": student, "shared_base": shared, "lora": {"rank": 16, "alpha": 16}},
+        "recipe": {
+            "name": "dmd2",
+            "fake_score": student,
+            "real_guidance_scale": 1.75,
+            "fake_updates_per_generator": 1,
+            "lr": {"generator": 1e-5, "fake_score": 1e-5},
+        },
+        "data": {"prompts": str(WORK / "prompts.txt")},
+        "train": {"max_steps": 1, "batch_size": 1, "checkpoint_every": 10**6, **train},
+        "export": {"enabled": False},
+        "logging": {"progress_bar": False, "sample_every": 0, "report": False},
+    }
+    path = WORK / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def worker(*args: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "evaluation" / "perf_worker.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("PERF ")]
+    if proc.returncode or not line:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][5:])
+
+
+def predicted_mb(config: Path) -> float:
+    from distillkit.config import load_config
+    from distillkit.plan import plan_memory
+
+    return plan_memory(load_config(config), device="cpu").total / 2**20
+
+
+def validate(name: str, size: str, student: str, shared: bool) -> dict:
+    path = run_config(name, size, student, shared)
+    got = worker("memory", str(path))
+    pred = predicted_mb(path)
+    desc = f"{size} SD1.5 UNet, DMD2, {student} generator + {student} fake score"
+    desc += ", adapter-shared base" if shared else ""
+    return {
+        "config": desc + ", 32x32 latents, batch 1, fp32, no checkpointing",
+        "predicted_mb": round(pred),
+        "measured_mb": round(got["delta_mb"]),
+        "error": round(pred / got["delta_mb"] - 1, 3),
+    }
+
+
+def main() -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    result: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+            "load_avg_at_start": os.getloadavg(),
+        },
+        "commit": commit.stdout.strip() or None,
+        "command": "make bench-perf",
+        "setup": __doc__.split("\n\n")[1].strip(),
+        "recipes": {},
+    }
+    for name, student in (("dmd2_sd15_mid_full", "full"), ("dmd2_sd15_mid_lora", "lora")):
+        enable_export = student == "full"
+        path = run_config(name, "mid", student)
+        if enable_export:  # the latency measurement needs this run's exported pipeline
+            data = yaml.safe_load(path.read_text())
+            data["export"] = {"enabled": True, "verify": True}
+            path.write_text(yaml.safe_dump(data))
+        got = worker("speed", str(path))
+        result["recipes"][name] = {
+            "overhead_ratio": round(got["step_s"] / got["bare_s"], 3),
+            "steps_per_s": round(1 / got["step_s"], 3),
+            "step_s": round(got["step_s"], 3),
+            "bare_passes_s": round(got["bare_s"], 3),
+            "peak_rss_mb": round(got["peak_rss_mb"]),
+        }
+    result["export_latency"] = worker(
+        "latency", str(WORK / "runs" / "dmd2_sd15_mid_full"), str(teacher_dir("mid"))
+    )
+    result["activation_calibration"] = [
+        worker("activations", "lora", str(lat), ck) for ck in ("off", "on") for lat in (16, 32)
+    ]
+    result["plan_validation"] = [
+        validate("mem_real_lora_shared", "real", "lora", True),
+        validate("mem_mid_full", "mid", "full", False),
+    ]
+    shared = result["plan_validation"][0]
+    if psutil.virtual_memory().available > 14 * 2**30:
+        copies = validate("mem_real_lora_copies", "real", "lora", False)
+        result["plan_validation"].append(copies)
+        result["adapter_shared_memory_ratio"] = round(
+            shared["measured_mb"] / copies["measured_mb"], 3
+        )
+        result["adapter_shared_note"] = (
+            "measured peak-RSS growth, real-size SD1.5 UNet DMD2 LoRA (generator + fake score): "
+            "student.shared_base=true / false (false keeps two fp32 copies of the UNet)"
+        )
+    else:
+        result["adapter_shared_memory_ratio"] = None
+        result["adapter_shared_note"] = "skipped: less than 14 GiB free for the copies run"
+    result["seconds"] = round(time.time() - started)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`distillkit plan` on the shipped SD1.5 / SDXL / SANA recipes: rows, totals, levers.
+
+The architectures come from teachers/configs on the meta device: no weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from distillkit.config import load_config
+from distillkit.plan import GIB, add_plan_parser, plan_memory
+from distillkit.plan_arch import CONFIGS, count_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_plan(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers())
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [("sd15/unet", 859_520_964), ("sdxl_base/unet", 2_567_463_684)],
+)
+def test_shipped_configs_have_the_published_parameter_counts(folder, expected):
+    assert count_params(CONFIGS / folder) == expected
+
+
+def test_sana_transformer_is_1_6b():
+    assert 1.55e9 < count_params(CONFIGS / "sana_1600m_1024" / "transformer") < 1.65e9
+
+
+@pytest.mark.parametrize(
+    ("recipe", "teacher_gib", "low", "high"),
+    [("dmd2_sd15", 1.99, 30, 200), ("dmd2_sdxl", 6.46, 70, 200), ("dmd2_sana", 8.44, 40, 150)],
+)
+def test_plan_table_for_shipped_recipes(capsys, recipe, teacher_gib, low, high):
+    assert run_plan(f"recipes/{recipe}.yaml", "--gpu-memory", "80GB") == 0
+    out = capsys.readouterr().out
+    for row in ("teacher, frozen", "generator weights", "fake_score weights", "gradients",
+                "optimizer states", "activations", "peak per device"):  # fmt: skip
+        assert row in out, f"{row!r} missing:\n{out}"
+    teacher = float(re.search(r"teacher, frozen.*?([\d.]+)\n", out).group(1))
+    assert teacher == pytest.approx(teacher_gib, abs=0.02)
+    total = float(re.search(r"peak per device\s+([\d.]+)", out).group(1))
+    assert low < total < high
+    assert "adapter-shared base" in out and "FSDP over 8 GPUs" in out
+
+
+def test_levers_reduce_memory_in_the_expected_directions():
+    cfg = load_config(REPO / "recipes" / "dmd2_sdxl.yaml")
+    base = plan_memory(cfg).total
+    fsdp = plan_memory(cfg, sharding="fsdp", gpus=8).total
+    lora = load_config(REPO / "recipes" / "dmd2_sdxl.yaml", ["student.type=lora"])
+    shared = load_config(
+        REPO / "recipes" / "dmd2_sdxl.yaml",
+        ["student.type=lora", "recipe.fake_score=lora", "student.shared_base=true"],
+    )
+    adam8 = load_config(REPO / "recipes" / "dmd2_sdxl.yaml", ["train.optimizer=adamw8bit"])
+    assert fsdp < base and plan_memory(lora).total < base
+    assert plan_memory(shared).total < plan_memory(lora).total
+    # 8-bit moments: 6 bytes less per trained parameter (two full UNets here)
+    saved = base - plan_memory(adam8).total
+    assert saved == pytest.approx(6 * 2 * 2_567_463_684 / GIB * GIB, rel=0.01)
