@@ -85,6 +85,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teach(args: argparse.Namespace) -> int:
+    from distillkit.benchmark.teachers import cmd_teach as teach
+
+    return teach(args)
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from distillkit.hub import HubError
     from distillkit.publish import publish
@@ -136,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_demo_parser(sub)
     add_plan_parser(sub)
+
+    p = sub.add_parser("teach", help="train (or reuse) a digits teacher of a family")
+    p.add_argument("benchmark", choices=["digits"])
+    p.set_defaults(func=cmd_teach)
+    from distillkit.benchmark.teachers import add_teach_arguments
+
+    add_teach_arguments(p)
 
     p = sub.add_parser("push", help="upload an exported run to the Hugging Face Hub")
     p.add_argument("output_dir")

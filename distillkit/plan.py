@@ -156,12 +156,16 @@ def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int 
     for r in roles:
         what = {"full": "full fp32 copy", "lora": "LoRA", "frozen": "fp32 copy"}[r.kind]
         if r.kind == "lora":
-            what += " on the shared base" if r.base == 0 else " + fp32 base copy"
-        weights = (r.base + (r.trainable if r.kind == "lora" else 0) + r.head) * 4
+            what += " on the shared base" if r.base == 0 else " + base copy in the teacher's dtype"
+        if r.kind == "lora":
+            weights = r.base * t_bytes + (r.trainable + r.head) * 4
+        else:
+            weights = (r.base + r.head) * 4
         plan.rows.append((f"{r.name} weights ({what})", weights / split["w"]))
     trained = sum(r.trainable + r.head for r in roles)
+    largest = max((r.trainable + r.head for r in roles), default=0)
     plan.rows.append(
-        ("gradients (fp32, every role's kept until its next step)", trained * 4 / split["g"])
+        ("gradients (fp32, one role's at a time: freed after its step)", largest * 4 / split["g"])
     )
     opt = cfg.train.optimizer
     plan.rows.append(

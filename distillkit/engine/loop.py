@@ -120,6 +120,8 @@ class Trainer:
         k = len(names)
         for i, name in enumerate(names):
             self.recipe.roles[name] = prepared[i]
+        # FSDP2 replaces parameters in prepare(): switch, clip and average the prepared ones
+        self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
         self.optimizers = dict(zip(names, prepared[k : 2 * k]))
         self.schedulers = dict(zip(names, prepared[2 * k :]))
         self.ema = None

@@ -101,3 +101,24 @@ def predict_with_features(
         inner._tap = None
     logits, inner.logits = inner.logits, None
     return out, logits
+
+
+def generator_and_fake_score(
+    run_cfg, teacher: TeacherAdapter, fake_kind: str, gan: bool
+) -> tuple[nn.Module, FakeScore]:
+    """The two roles of score-distillation recipes (DMD2, SiD): a generator and a fake score,
+    the latter with a GAN head when an adversarial term is configured."""
+    from distillkit.students import role_networks
+
+    student = run_cfg.student
+    nets = role_networks(
+        teacher.denoiser,
+        {"generator": (student.type, student.lora), "fake_score": (fake_kind, student.lora)},
+        shared_base=student.shared_base,
+        gradient_checkpointing=run_cfg.train.gradient_checkpointing,
+    )
+    head = None
+    if gan:
+        _, channels = teacher.feature_module(nets["fake_score"])
+        head = DiscriminatorHead(channels).to(teacher.device)
+    return nets["generator"], FakeScore(nets["fake_score"], head)

@@ -21,16 +21,14 @@ from torch import Tensor
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.recipes.dmd2 import denoising_loss
 from distillkit.recipes.gan import (
-    DiscriminatorHead,
-    FakeScore,
     gan_discriminator_loss,
     gan_generator_loss,
+    generator_and_fake_score,
     predict_with_features,
     unwrap,
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
-from distillkit.students import role_networks
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 
 LSG_SCALE = 4.5  # SiD-LSG's released kappa_1..4 (the CLIP-optimal setting; 1.5 is FID-optimal)
@@ -135,22 +133,9 @@ class SiD(Recipe):
 
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
-        cfg, student = self.cfg, run_cfg.student
-        nets = role_networks(
-            teacher.denoiser,
-            {
-                "generator": (student.type, student.lora),
-                "fake_score": (cfg.fake_score, student.lora),
-            },
-            shared_base=student.shared_base,
-            gradient_checkpointing=run_cfg.train.gradient_checkpointing,
+        self.roles["generator"], self.roles["fake_score"] = generator_and_fake_score(
+            run_cfg, teacher, self.cfg.fake_score, self.cfg.gan
         )
-        self.roles["generator"] = nets["generator"]
-        head = None
-        if cfg.gan:
-            _, channels = teacher.feature_module(nets["fake_score"])
-            head = DiscriminatorHead(channels).to(teacher.device)
-        self.roles["fake_score"] = FakeScore(nets["fake_score"], head)
 
     @classmethod
     def needs_images(cls, cfg: SiDConfig) -> bool:

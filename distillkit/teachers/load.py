@@ -49,6 +49,10 @@ def tiny_teacher_dir(family: str, resolution: int) -> Path:
 
 
 def _from_pretrained(cfg: TeacherConfig, source: str, dtype: torch.dtype) -> DiffusionPipeline:
+    if source.startswith("digits:"):  # our own digits teachers: trained once, then cached
+        from distillkit.benchmark.teachers import digits_teacher_dir
+
+        source = str(digits_teacher_dir(source.removeprefix("digits:")))
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "model_index.json").is_file():
