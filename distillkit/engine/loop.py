@@ -82,6 +82,13 @@ class Trainer:
         # read the finished cache instead of racing on a half-written directory
         with accelerator.main_process_first():
             self.teacher: TeacherAdapter = load_teacher(cfg.teacher, accelerator.device, smoke)
+        if cfg.data.cache_dir:
+            from distillkit.data.cache import TeacherKey, precompute_cache
+
+            with accelerator.main_process_first():
+                key = TeacherKey.from_config(cfg.teacher, smoke)
+                encodings = precompute_cache(self.teacher, self.data, cfg.data.cache_dir, key)
+            self.teacher.use_precomputed(encodings.to(accelerator.device))
         self.recipe: Recipe = recipe_class(cfg, self.teacher)
         if use_xformers(cfg):
             self.teacher.denoiser.enable_xformers_memory_efficient_attention()

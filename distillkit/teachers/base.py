@@ -169,9 +169,21 @@ class TeacherAdapter:
     def latent_channels(self) -> int:
         return int(self.denoiser.config.in_channels)
 
+    def use_precomputed(self, encodings) -> None:
+        """Answer ``encode`` from precomputed embeddings (distillkit.data.cache); on a GPU the
+        text encoders then move to the CPU, since training no longer needs them there."""
+        self._precomputed = encodings
+        if self.device.type == "cuda":
+            for name, module in self.pipe.components.items():
+                if name.startswith("text_encoder") and isinstance(module, nn.Module):
+                    module.to("cpu")
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """Frozen text encoders: cache per prompt so repeated prompts cost nothing."""
+        pre = getattr(self, "_precomputed", None)
+        if pre is not None and all(p in pre._rows for p in prompts):
+            return pre.encode(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             # outside autocast: cached embeddings must equal what the exported pipeline computes

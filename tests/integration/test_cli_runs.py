@@ -129,3 +129,21 @@ def test_resume_and_reexport(tmp_path):
     reexport = distillkit("export", str(out))
     assert "exported pipeline" in reexport.stdout
     assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_embedding_cache_gives_the_same_run(tmp_path):
+    """data.cache_dir precomputes text embeddings and latents once; training is unchanged."""
+    common = ["run", "recipes/dmd2_sd15.yaml", "--smoke", "logging.sample_every=0"]
+    distillkit(*common, f"output_dir={tmp_path / 'plain'}")
+    cache = tmp_path / "cache"
+    distillkit(*common, f"output_dir={tmp_path / 'cached'}", f"data.cache_dir={cache}")
+    assert sorted(p.name for p in cache.rglob("*.safetensors")) == [
+        "latents.safetensors",
+        "text.safetensors",
+    ]
+
+    def losses(run: str) -> list[dict]:
+        rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(r).items() if "loss" in k} for r in rows]
+
+    assert losses("plain") == losses("cached")
