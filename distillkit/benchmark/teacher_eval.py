@@ -16,6 +16,7 @@ from pathlib import Path
 
 GUIDANCES = (1.0, 2.0, 3.0, 5.0)
 FEW_STEPS = (1, 4)
+ACCURACY_GOAL = 0.9
 METRICS = ("accuracy", "fd", "diversity", "precision", "mean_pairwise_ratio", "n")
 
 
@@ -45,9 +46,18 @@ def evaluate_teacher(
         return row
 
     rows = [score(25, g) for g in guidances]
-    best = max(rows, key=lambda r: (r["accuracy"], -r["fd"]))["guidance"]
+    best = best_guidance(rows)
     rows += [score(steps, best) for steps in FEW_STEPS]
     return {"best_guidance": best, "scores": rows, "protocol": protocol}
+
+
+def best_guidance(rows: list[dict], min_accuracy: float = ACCURACY_GOAL) -> float:
+    """The most realistic (lowest FD) guidance that meets the accuracy goal, else the most
+    accurate: higher guidance keeps buying accuracy long after it starts costing FD/diversity."""
+    good = [r for r in rows if r["accuracy"] >= min_accuracy]
+    if good:
+        return min(good, key=lambda r: r["fd"])["guidance"]
+    return max(rows, key=lambda r: (r["accuracy"], -r["fd"]))["guidance"]
 
 
 def machine() -> str:

@@ -31,7 +31,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
-from distillkit.data.digits import NUM_CLASSES, PROMPT_TEMPLATES, load_digits_split, prompt_for
+from distillkit.benchmark.text_pretrain import pretrain_text
+from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
 from distillkit.registry import get_family
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.teachers.load import cache_root
@@ -70,7 +71,7 @@ class TeacherSpec:
     def quick(self) -> TeacherSpec:
         """A few seconds of training: enough for tests to see every loss go down."""
         return replace(
-            self, vae_steps=40, vae_batch=16, text_steps=min(self.text_steps, 5), steps=40,
+            self, vae_steps=40, vae_batch=16, text_steps=min(self.text_steps, 1), steps=40,
             batch_size=16, warmup=5,
         )  # fmt: skip
 
@@ -151,63 +152,6 @@ def train_vae(vae: nn.Module, images: Tensor, spec: TeacherSpec, gen: torch.Gene
     return {"vae_loss_first": _window(losses, False), "vae_loss_final": _window(losses, True)}
 
 
-def _text_encoders(adapter: TeacherAdapter) -> list[nn.Module]:
-    comps = adapter.pipe.components
-    return [m for k, m in comps.items() if k.startswith("text_encoder") and m is not None]
-
-
-def _pooled_outputs(cond: dict, mask: Tensor | None = None) -> list[Tensor]:
-    """Every text-dependent network input as (N, D); sequences averaged over valid tokens."""
-    mask = cond.get("encoder_attention_mask", mask)
-    out = []
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out += _pooled_outputs(value, mask)
-        elif isinstance(value, Tensor) and value.requires_grad and key != "encoder_attention_mask":
-            if value.ndim == 3:
-                w = torch.ones(value.shape[:2]) if mask is None else mask.float()
-                value = (value * w[..., None]).sum(1) / w.sum(1, keepdim=True)
-            out.append(value)
-    return out
-
-
-def supervised_contrastive(features: Tensor, labels: Tensor, tau: float = 0.1) -> Tensor:
-    """Khosla et al. 2020 on batch-centred features: same digit together, others apart."""
-    eye = torch.eye(len(features), dtype=torch.bool)
-    z = F.normalize(features - features.mean(0), dim=1)
-    log_prob = (z @ z.T / tau).masked_fill(eye, float("-inf")).log_softmax(dim=1)
-    positive = (labels[:, None] == labels[None]) & ~eye
-    return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
-
-
-def pretrain_text(adapter: TeacherAdapter, spec: TeacherSpec) -> dict:
-    """Give the random text encoders the one skill real ones bring: the digit, not the template,
-    dominates the embedding. Random encoders are template-dominated (same-template prompts are
-    far more alike than same-digit ones), and the denoiser then needs thousands of steps before
-    it reads the prompt at all. Runs before the first ``adapter.encode`` (which caches)."""
-    encoders = _text_encoders(adapter)
-    params = [p for m in encoders for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=spec.text_lr, weight_decay=0.0)
-    rng = random.Random(spec.seed)
-    templates = range(len(PROMPT_TEMPLATES))
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(spec.text_templates)
-    for m in encoders:
-        m.requires_grad_(True).train()
-    losses = []
-    for _ in range(spec.text_steps):
-        picks = [rng.sample(templates, spec.text_templates) for _ in range(NUM_CLASSES)]
-        prompts = [prompt_for(y, j) for y, js in enumerate(picks) for j in js]
-        cond, _ = adapter.encode_prompts(prompts)
-        loss = sum(supervised_contrastive(f, labels) for f in _pooled_outputs(cond))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    for m in encoders:
-        m.requires_grad_(False).eval()
-    return {"text_loss_first": losses[0], "text_loss_final": losses[-1]} if losses else {}
-
-
 def _mix(cond: Conditioning, drop: Tensor) -> dict:
     """Per-sample conditional network kwargs, the unconditional ones where ``drop`` is set."""
 
@@ -279,7 +223,9 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
         report["vae_recon_mse"] = vae_recon_error(pipe.vae, split.heldout_images)
         report["vae_seconds"] = round(time.perf_counter() - start, 1)
         adapter = get_family(family)(pipe, RESOLUTION, torch.device("cpu"))
-        report |= pretrain_text(adapter, spec)
+        report |= pretrain_text(
+            adapter, spec.text_steps, spec.text_lr, spec.text_templates, spec.seed
+        )
         report |= train_denoiser(adapter, split, spec, gen)
     report |= {
         "family": family,
@@ -331,8 +277,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
     scores = evaluate_teacher(path, per_class=args.per_class)
     if args.results:
         entry = {
-            "command": getattr(args, "command", None) or shlex.join(sys.argv),
-            "path": str(path),
+            "command": getattr(args, "command", None) or shlex.join(["distillkit", *sys.argv[1:]]),
             "spec": asdict(get_spec(args.family, args.quick)),
             "train": json.loads((path / REPORT_FILE).read_text()),
             "eval_seconds": round(time.perf_counter() - start, 1),
@@ -345,7 +290,9 @@ def cmd_teach(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distillkit.benchmark.teachers")
     add_teach_arguments(parser)
-    return cmd_teach(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    return cmd_teach(args)
 
 
 if __name__ == "__main__":

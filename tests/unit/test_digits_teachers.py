@@ -1,0 +1,86 @@
+"""Digits teachers (quick specs): they train, save, reload, load as cards and are cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from distillkit.benchmark import teachers as T
+from distillkit.benchmark.text_pretrain import supervised_contrastive
+from distillkit.config import TeacherConfig
+from distillkit.data.digits import load_digits_split
+from distillkit.teachers.load import load_teacher
+
+CLASS_NAMES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sana": "SanaPipeline",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two threads on two cores shared with other jobs can stall 20x; one stays predictable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("family", sorted(CLASS_NAMES))
+def test_quick_teacher_trains_saves_and_loads(family: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path))
+    out = T.digits_teacher_dir(family, quick=True)
+    assert out.parent == tmp_path / "digits"
+    assert not list(out.parent.glob("*.tmp*")), "the temp dir is renamed, not left behind"
+    report = json.loads((out / T.REPORT_FILE).read_text())
+    assert report["loss_final"] < 0.8 * report["loss_first"], report
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == CLASS_NAMES[family]
+    heldout = load_digits_split().heldout_images[:64]
+    untrained = T.build_untrained(T.get_spec(family, quick=True)).vae
+    assert T.vae_recon_error(pipe.vae, heldout) < 0.5 * T.vae_recon_error(untrained, heldout)
+
+    # A card's "digits:<family>" resolves to the cached directory: no second training.
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached teacher should have been reused")
+
+    monkeypatch.setattr(T, "train_digits_teacher", no_training)
+    monkeypatch.setitem(T.SPECS, family, T.get_spec(family, quick=True))
+    assert T.digits_teacher_dir(family) == out
+    cfg = TeacherConfig(model_id=f"digits:{family}", family=family, resolution=32, dtype="fp32")
+    adapter = load_teacher(cfg, torch.device("cpu"))
+    assert type(adapter.pipe).__name__ == CLASS_NAMES[family]
+    cond = adapter.encode(["a handwritten digit seven", "a handwritten digit one"])
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), adapter.schedule.t_max / 2)
+    x0 = adapter.denoise(adapter.denoiser, x, t, cond, guidance=2.0)
+    assert x0.shape == x.shape and torch.isfinite(x0).all()
+
+
+def test_same_spec_same_weights(tmp_path) -> None:
+    T.train_digits_teacher("sd15", tmp_path / "a", quick=True)
+    T.train_digits_teacher("sd15", tmp_path / "b", quick=True)
+    for part in ("unet", "vae", "text_encoder"):
+        a = load_file(next((tmp_path / "a" / part).glob("*.safetensors")))
+        b = load_file(next((tmp_path / "b" / part).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_spec_key_changes_with_the_spec() -> None:
+    spec = T.get_spec("sd15")
+    assert spec.key() == T.get_spec("sd15").key()
+    assert spec.key() != spec.quick().key()
+    assert spec.quick().quick() == spec.quick()
+
+
+def test_supervised_contrastive_prefers_label_clusters() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    clustered = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, 0.1]])
+    mixed = clustered[[0, 2, 1, 3]]
+    assert supervised_contrastive(clustered, labels) < supervised_contrastive(mixed, labels)
