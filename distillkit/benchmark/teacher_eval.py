@@ -14,7 +14,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-GUIDANCES = (1.0, 2.0, 3.0, 5.0)
+GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0)
 FEW_STEPS = (1, 4)
 ACCURACY_GOAL = 0.9
 METRICS = ("accuracy", "fd", "diversity", "precision", "mean_pairwise_ratio", "n")

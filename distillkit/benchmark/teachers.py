@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from distillkit.benchmark.text_pretrain import pretrain_text
 from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
+from distillkit.errors import ConfigError
 from distillkit.registry import get_family
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.teachers.load import cache_root
@@ -97,7 +98,7 @@ SPECS: dict[str, TeacherSpec] = {
 
 def get_spec(family: str, quick: bool = False) -> TeacherSpec:
     if family not in SPECS:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ConfigError(f"digits teachers exist for {', '.join(FAMILIES)}, not {family!r}")
     return SPECS[family].quick() if quick else SPECS[family]
 
 

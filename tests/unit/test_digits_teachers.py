@@ -13,6 +13,7 @@ from distillkit.benchmark import teachers as T
 from distillkit.benchmark.text_pretrain import supervised_contrastive
 from distillkit.config import TeacherConfig
 from distillkit.data.digits import load_digits_split
+from distillkit.errors import ConfigError
 from distillkit.teachers.load import load_teacher
 
 CLASS_NAMES = {
@@ -70,6 +71,12 @@ def test_same_spec_same_weights(tmp_path) -> None:
         a = load_file(next((tmp_path / "a" / part).glob("*.safetensors")))
         b = load_file(next((tmp_path / "b" / part).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_unknown_digits_family_is_a_config_error() -> None:
+    cfg = TeacherConfig(model_id="digits:dalle", family="sd15", resolution=32)
+    with pytest.raises(ConfigError, match="digits teachers exist for"):
+        load_teacher(cfg, torch.device("cpu"))
 
 
 def test_spec_key_changes_with_the_spec() -> None:
