@@ -19,7 +19,6 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from distillkit.config import RunConfig
@@ -38,7 +37,8 @@ from distillkit.engine.guards import (
     use_xformers,
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
-from distillkit.engine.optim import build_optimizer
+from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker
+from distillkit.engine.optim import build_optimizer, inner_optimizer, takes_found_inf
 from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
 from distillkit.errors import ConfigError
 from distillkit.export import ExportReport, export_student
@@ -131,9 +131,11 @@ class Trainer:
         self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
         self.optimizers = dict(zip(names, prepared[k : 2 * k]))
         self.schedulers = dict(zip(names, prepared[2 * k :]))
+        self.nonfinite = NonfiniteTracker(acc.device)
+        self.rollbacks, self.last_bad = 0, -1  # deferred NaN guard: failures without progress
         self.ema = None
         if cfg.ema.decay > 0:
-            self.ema = EMAModel(self.params[self.recipe.generator_role], decay=cfg.ema.decay)
+            self.ema = GuardedEMA(self.params[self.recipe.generator_role], decay=cfg.ema.decay)
             acc.register_for_checkpointing(self.ema)
 
         def save_hook(models, weights, out_dir):
@@ -194,12 +196,20 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
-        """One step of every scheduled role; None when a non-finite gradient skipped it."""
+        """One step of every scheduled role, without a host sync.
+
+        A non-finite gradient norm sets a device flag that vetoes this and every later update of
+        the step (as the old early return did): the fused AdamW step reads it as ``found_inf``
+        and skips exactly; the EMA and the recipe's ``after_update`` take it too; the tracker
+        counts it for ``check_nonfinite``. Returns None only on the host-sync fallback path
+        (optimisers that cannot take found_inf), when a non-finite gradient skipped the step.
+        """
         acc, cfg = self.accelerator, self.cfg.train
         micro = self.micro_batches(step)
         scratch: list[dict] = [{} for _ in micro]
         logs: dict[str, torch.Tensor] = {}
         roles = self.recipe.schedule(step)
+        bad: torch.Tensor | None = None  # 0-dim float on the device: 1 once a gradient was bad
         try:
             for role_index, role in enumerate(roles):
                 for name, params in self.params.items():
@@ -220,22 +230,72 @@ class Trainer:
                     for key, value in {"loss": loss.detach(), **parts}.items():
                         logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
                 grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
-                # the NaN guard: one host sync per update, the price of never stepping on NaN
-                if not torch.isfinite(grad_norm):
+                applied = None
+                if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
+                    nonfinite = (~torch.isfinite(grad_norm.detach())).float()
+                    bad = nonfinite if bad is None else torch.maximum(bad, nonfinite)
+                    inner = inner_optimizer(opt)
+                    inner.found_inf = bad
+                    try:
+                        opt.step()
+                    finally:
+                        inner.found_inf = None
+                    applied = 1.0 - bad
+                # The host-sync fallback, one sync per update: bitsandbytes' 8-bit AdamW never
+                # reads found_inf, non-fused torch optimisers refuse it, and under fp16 the
+                # GradScaler sets found_inf itself (its own inf check on the scaled gradients).
+                elif grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     opt.zero_grad(set_to_none=True)
                     return None
-                logs[f"{role}/grad_norm"] = grad_norm.detach()
-                opt.step()
+                else:
+                    opt.step()
+                if grad_norm is not None:
+                    logs[f"{role}/grad_norm"] = torch.as_tensor(grad_norm).detach()
                 opt.zero_grad(set_to_none=True)  # hold one role's gradients at a time
+                # stepped even when the update was skipped: the rate stays a function of the step
                 self.schedulers[role].step()
-                self.recipe.after_update(role, step)
+                self.recipe.after_update(role, step, applied)
                 if role == self.recipe.generator_role and self.ema is not None:
-                    self.ema.step(self.params[role])
+                    ok = applied if applied is not None else torch.ones((), device=acc.device)
+                    self.ema.step_masked(self.params[role], ok)
         finally:
             for params in self.params.values():
                 for p in params:
                     p.requires_grad_(True)
+        if bad is not None:
+            logs["_applied"] = 1.0 - bad  # _reduce leaves skipped steps out of the averages
+            self.nonfinite.record(step, bad)
         return logs
+
+    def check_nonfinite(self, step: int) -> int | None:
+        """Read the device-side NaN counters (one sync; called only where the loop syncs anyway:
+        logging, before a checkpoint, at the end) and apply train.nan_policy as the old
+        per-update guard did. Returns the step to continue from after a rollback, else None."""
+        cfg, acc = self.cfg.train, self.accelerator
+        seen = self.nonfinite.read()
+        if seen.count == 0:
+            if step > self.last_bad:  # only progress past the failure clears the count
+                self.rollbacks = 0
+            return None
+        where = f"{seen.where}, found at step {step}"
+        if cfg.nan_policy == "stop":
+            raise TrainingDiverged(
+                f"{where}; stopped before any checkpoint of it was written. Lower recipe.lr, "
+                "raise train.max_grad_norm headroom, or set train.nan_policy=rollback"
+            )
+        if cfg.nan_policy == "skip":
+            if seen.longest_run >= cfg.nan_max_skips:
+                raise TrainingDiverged(
+                    f"{where} ({seen.longest_run} consecutive); stopped. Lower recipe.lr, raise "
+                    "train.max_grad_norm headroom, or set train.nan_policy=rollback"
+                )
+            acc.print(f"warning: {where}; update skipped (train.nan_policy=skip)")
+            self.nonfinite.reset(keep_run=True)
+            return None
+        self.rollbacks += 1
+        self.last_bad = max(self.last_bad, seen.last)
+        self.nonfinite.reset(keep_run=False)
+        return self.roll_back(where, self.rollbacks)
 
     def handle_nonfinite(self, step: int, skipped: int) -> int:
         """Apply train.nan_policy; returns the step to continue from."""
@@ -249,6 +309,17 @@ class Trainer:
         if cfg.nan_policy == "skip":
             acc.print(f"warning: {where}; update skipped (train.nan_policy=skip)")
             return step + 1
+        return self.roll_back(where, skipped)
+
+    def roll_back(self, where: str, failures: int) -> int:
+        """train.nan_policy=rollback: the latest checkpoint, with lower rates; stop after
+        train.nan_max_skips failures without progress past them."""
+        cfg, acc = self.cfg.train, self.accelerator
+        if failures >= cfg.nan_max_skips:
+            raise TrainingDiverged(
+                f"{where} ({failures} consecutive); stopped. Lower recipe.lr, raise "
+                "train.max_grad_norm headroom, or set train.nan_policy=rollback"
+            )
         if not self.load_latest():
             raise TrainingDiverged(f"{where} and there is no checkpoint to roll back to")
         # the checkpoint restores the original rates: apply every rollback's factor so far
@@ -296,7 +367,14 @@ class Trainer:
                 pending.append(logs)
                 step += 1
                 fault_point(f"after-step-{step}")
-                if step % cfg.logging.every == 0 or step == total:
+                log_now = step % cfg.logging.every == 0 or step == total
+                save_now = step % cfg.train.checkpoint_every == 0 or step == total
+                if log_now or save_now:  # the deferred NaN guard, where the loop syncs anyway
+                    restart = self.check_nonfinite(step - 1)
+                    if restart is not None:
+                        step, pending, window = restart, [], time.perf_counter()
+                        continue
+                if log_now:
                     values = self._reduce(pending, acc)
                     speed = len(pending) / max(time.perf_counter() - window, 1e-9)
                     values["steps_per_s"] = speed
@@ -313,7 +391,7 @@ class Trainer:
                     )
                     bar.update(task, completed=step, speed=f"{speed:.2f} it/s", losses=shown)
                     pending, window = [], time.perf_counter()
-                if step % cfg.train.checkpoint_every == 0 or step == total:
+                if save_now:
                     self.save_checkpoint(step)
                 for callback in self.callbacks:
                     callback.on_step_end(self, step)
@@ -332,14 +410,21 @@ class Trainer:
 
     @staticmethod
     def _reduce(pending: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, float]:
-        """Average the logged tensors of the window (and over ranks) with a single host sync."""
-        keys = sorted({k for logs in pending for k in logs})
+        """Average the logged tensors of the window (and over ranks) with a single host sync.
+        Steps whose update was skipped (``_applied`` = 0, NaN losses) are left out."""
+        if not pending:
+            return {}
+        flat = {(i, k): torch.as_tensor(v).float() for i, logs in enumerate(pending)
+                for k, v in logs.items()}  # fmt: skip
+        host = {}
+        for device in {v.device for v in flat.values()}:  # one sync per device
+            keys = [key for key, v in flat.items() if v.device == device]
+            host.update(zip(keys, torch.stack([flat[key] for key in keys]).cpu()))
+        kept = [i for i in range(len(pending)) if host.get((i, "_applied"), 1.0) > 0]
+        keys = sorted({k for (i, k) in host if k != "_applied" and i in kept})
         if not keys:
             return {}
-        means = []
-        for key in keys:
-            values = [torch.as_tensor(logs[key]).float().cpu() for logs in pending if key in logs]
-            means.append(torch.stack(values).mean())
+        means = [torch.stack([host[i, k] for i in kept if (i, k) in host]).mean() for k in keys]
         stacked = torch.stack(means)
         if acc.num_processes > 1:  # log the whole effective batch's losses, not rank 0's share
             stacked = acc.reduce(stacked.to(acc.device), "mean").cpu()

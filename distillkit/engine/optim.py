@@ -4,6 +4,11 @@ Why: AdamW keeps two fp32 moments per trained parameter (8 bytes); 8-bit AdamW k
 one byte each with block-wise scales (about 2 bytes), which is what lets a full SDXL student and
 its fake score fit on fewer GPUs. bitsandbytes' 8-bit kernels need CUDA, so asking for them
 anywhere else fails at start-up with the field's name instead of after the teacher has loaded.
+
+torch's AdamW is built fused where the parameters' device has the kernel (CPU and CUDA do): one
+kernel per dtype group instead of a dozen foreach passes, and, the reason it matters here, the
+fused step reads ``optimizer.found_inf`` and skips itself on the device when that flag is 1, so
+the loop's NaN guard needs no host sync (see ``takes_found_inf`` and engine/loop.py).
 """
 
 from __future__ import annotations
@@ -61,4 +66,41 @@ def build_optimizer(
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=fused_supported(params) or None, **kwargs)
+
+
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """torch ships fused Adam(W) kernels for floating-point parameters on these devices."""
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params
+    )
+
+
+def inner_optimizer(opt) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's AcceleratedOptimizer wrapper(s)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while isinstance(opt, AcceleratedOptimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def takes_found_inf(opt) -> bool:
+    """Whether ``opt.step()`` can be vetoed on the device through the ``found_inf`` attribute.
+
+    Only torch's fused Adam/AdamW does it exactly (torch/optim/adam.py ``_fused_adam``: the kernel
+    returns early when found_inf == 1, then the step counters are decremented again). Not:
+    bitsandbytes' 8-bit AdamW (never reads the attribute), non-fused torch Adam (asserts that it is
+    None), or any optimiser under accelerate's fp16 GradScaler (``scaler.step`` sets and owns
+    grad_scale / found_inf itself). A checkpoint written by a non-fused optimiser also restores
+    ``fused=None`` into the param groups, so this is asked at every step.
+    """
+    if getattr(opt, "scaler", None) is not None:
+        return False
+    inner = inner_optimizer(opt)
+    return isinstance(inner, torch.optim.Adam) and all(
+        g.get("fused") and not g.get("differentiable") for g in inner.param_groups
+    )

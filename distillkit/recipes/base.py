@@ -54,8 +54,13 @@ class Recipe:
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def after_update(self, role: str, step: int) -> None:
-        """Called after ``role``'s optimiser step (e.g. to move an EMA target network)."""
+    def after_update(self, role: str, step: int, applied: Tensor | None = None) -> None:
+        """Called after ``role``'s optimiser step (e.g. to move an EMA target network).
+
+        ``applied`` is a 0-dim device tensor, 0 when the loop skipped this update because a
+        gradient was not finite (None: applied). Honour it on the device, without reading it
+        (no ``if applied``: that is a host sync per step); torch.where, not a multiply, since
+        NaN * 0 is NaN."""
 
     def state_modules(self) -> dict[str, nn.Module]:
         """Non-trainable networks whose weights change during training (EMA targets); the

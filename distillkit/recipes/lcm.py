@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distillkit.engine.nanguard import masked_lerp_
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.recipes.gan import unwrap
 from distillkit.registry import register_recipe
@@ -94,10 +95,12 @@ def consistency_loss(pred: Tensor, target: Tensor, kind: str, c: float) -> Tenso
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """theta^- <- mu theta^- + (1 - mu) theta (LCM Algorithm 1, last line)."""
-    for p_t, p_s in zip(target.parameters(), source.parameters()):
-        p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
+def ema_update(
+    target: nn.Module, source: nn.Module, decay: float, applied: Tensor | None = None
+) -> None:
+    """theta^- <- mu theta^- + (1 - mu) theta (LCM Algorithm 1, last line); a no-op, decided on
+    the device, when the 0-dim flag ``applied`` is 0 (the student's update was skipped)."""
+    masked_lerp_(target.parameters(), source.parameters(), 1.0 - decay, applied)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -132,9 +135,10 @@ class LCM(Recipe):
     def state_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target} if self.target is not None else {}
 
-    def after_update(self, role: str, step: int) -> None:
+    def after_update(self, role: str, step: int, applied: Tensor | None = None) -> None:
         if self.target is not None:
-            ema_update(self.target, unwrap(self.roles["generator"]), self.cfg.target_ema_decay)
+            student = unwrap(self.roles["generator"])
+            ema_update(self.target, student, self.cfg.target_ema_decay, applied)
 
     def _with_zero(self, grid: Tensor) -> Tensor:
         """Descending solver grid plus t = 0: the last interval lands on the boundary, where

@@ -1,0 +1,117 @@
+"""The NaN guard without host syncs: skipped updates are decided and counted on the device.
+
+A non-finite gradient norm sets a 0/1 flag on the device; the fused AdamW step reads it as
+``found_inf`` and leaves parameters, moments and step counters exactly as they were; the EMA below
+and recipes' EMA targets (``Recipe.after_update``) take the same flag. ``NonfiniteTracker`` keeps
+the counts on the device too: the loop reads them only where it syncs anyway (logging interval,
+before a checkpoint, at the end) and applies ``train.nan_policy`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+
+
+@torch.no_grad()
+def masked_lerp_(targets: Iterable[Tensor], sources: Iterable[Tensor], weight, ok=None) -> None:
+    """target <- target + weight (source - target), but only where the 0-dim flag ``ok`` is
+    nonzero. torch.where, not a weight times ok: NaN * 0 is NaN, and a skipped step must leave
+    the target bit-identical whatever the source holds."""
+    for target, source in zip(targets, sources):
+        w = weight.to(target.dtype) if isinstance(weight, Tensor) else weight
+        moved = target.lerp(source.detach().to(target.dtype), w)
+        target.copy_(moved if ok is None else torch.where(ok > 0, moved, target))
+
+
+class GuardedEMA(EMAModel):
+    """diffusers' EMAModel (same state dict, same decay schedule) whose step can be vetoed by a
+    device flag: the count of applied steps lives on the device until ``state_dict`` needs it."""
+
+    def __init__(self, parameters, **kwargs) -> None:
+        super().__init__(parameters, **kwargs)
+        self._pending: Tensor | None = None  # applied steps not yet in optimization_step
+
+    def _sync(self) -> None:
+        if self._pending is not None:
+            self.optimization_step += int(self._pending.item())
+            self._pending = None
+
+    @torch.no_grad()
+    def step_masked(self, parameters: Iterable[torch.nn.Parameter], ok: Tensor) -> None:
+        parameters = list(parameters)
+        applied = (ok > 0).to(torch.int64)
+        self._pending = applied if self._pending is None else self._pending + applied
+        # EMAModel.get_decay, on the device
+        step = (self._pending + (self.optimization_step - self.update_after_step - 1)).clamp_min(0)
+        step = step.to(torch.float32)
+        if self.use_ema_warmup:
+            decay = 1 - (1 + step / self.inv_gamma) ** -self.power
+        else:
+            decay = (1 + step) / (10 + step)
+        decay = decay.clamp(max=self.decay).clamp(min=self.min_decay)
+        decay = torch.where(step <= 0, torch.zeros_like(decay), decay)
+        masked_lerp_(self.shadow_params, parameters, 1 - decay, ok)
+
+    def step(self, parameters) -> None:
+        parameters = list(parameters)
+        device = parameters[0].device if parameters else torch.device("cpu")
+        self.step_masked(parameters, torch.ones((), device=device))
+
+    def state_dict(self) -> dict:
+        self._sync()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = None
+        super().load_state_dict(state_dict)
+
+
+@dataclass
+class NonfiniteReport:
+    """What the tracker saw since its last reset, read once on the host."""
+
+    count: int  # steps with a skipped (non-finite) update
+    longest_run: int  # longest run of consecutive such steps (including one carried over)
+    first: int  # step indices of the first and last, -1 when none
+    last: int
+
+    @property
+    def where(self) -> str:
+        steps = (
+            f"step {self.first}" if self.first == self.last else (f"steps {self.first}-{self.last}")
+        )
+        return f"{steps}: a loss or gradient became NaN/Inf ({self.count} step(s))"
+
+
+class NonfiniteTracker:
+    """Device-side counters of skipped steps; ``record`` never syncs, ``read`` syncs once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.reset(keep_run=False)
+
+    def reset(self, keep_run: bool = True) -> None:
+        if not keep_run:
+            self.run.zero_()
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.count, self.longest = zero.clone(), self.run.clone()
+        self.first, self.last = zero - 1, zero - 1
+
+    def record(self, step: int, bad: Tensor) -> None:
+        """``bad``: 0-dim, nonzero when this step's update was skipped."""
+        hit = bad > 0
+        self.count += hit
+        self.run = (self.run + 1) * hit
+        self.longest = torch.maximum(self.longest, self.run)
+        self.first = torch.where(hit & (self.first < 0), step, self.first)
+        self.last = torch.where(hit, step, self.last)
+
+    def read(self) -> NonfiniteReport:
+        values = torch.stack([self.count, self.longest, self.first, self.last]).tolist()
+        return NonfiniteReport(*(int(v) for v in values))
