@@ -4,7 +4,11 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
 - "mid" UNet: the SD1.5 block layout at 128-512 channels (~140M params); "real": the real
   859.5M-parameter SD1.5 UNet config. Both with small text encoder / VAE (not what is measured).
 - overhead_ratio = Trainer step time / the bare forward+backward passes that step needs (same
-  process, networks and shapes); DMD2 with fake_updates_per_generator=1 so a step has both roles.
+  process, networks and shapes): every network call of real steps is recorded, then replayed
+  bare with one backward per role update (perf_worker.record_passes). Every recipe with its
+  shipped sd15 recipe section and EMA, full student, batch 1, fp32, no checkpointing; DMD2 with
+  fake_updates_per_generator=1 (and APT with one discriminator update) so a step has both roles;
+  real images (LCM, APT) are the digits set at 256 px.
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
 Writes evaluation/results/perf.json. Each measurement runs in a fresh process (perf_worker.py).
 """
@@ -51,22 +55,46 @@ def teacher_dir(size: str) -> Path:
     return out
 
 
-def run_config(name: str, size: str, student: str, shared: bool = False, **train) -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    data = {
-        "output_dir": str(WORK / "runs" / name),
-        "teacher": {"model_id": str(teacher_dir(size)), "family": "sd15", "resolution": 256},
-        "student": {"type": student, "shared_base": shared, "lora": {"rank": 16, "alpha": 16}},
-        "recipe": {
+def recipe_section(recipe: str, student: str) -> tuple[dict, dict, dict]:
+    """(recipe section, data extras, train extras): DMD2 as before, the others as shipped in
+    recipes/<recipe>_sd15.yaml with the schedule knobs set so every step updates every role."""
+    if recipe == "dmd2":
+        section = {
             "name": "dmd2",
             "fake_score": student,
             "real_guidance_scale": 1.75,
             "fake_updates_per_generator": 1,
             "lr": {"generator": 1e-5, "fake_score": 1e-5},
+        }
+        return section, {}, {}
+    shipped = yaml.safe_load((ROOT / "recipes" / f"{recipe}_sd15.yaml").read_text())
+    section = dict(shipped["recipe"])
+    if recipe == "apt":
+        section["discriminator_updates_per_generator"] = 1
+    data = {"images": "digits"} if recipe in ("lcm", "apt") else {}
+    ema = shipped.get("train", {}).get("ema")
+    return section, data, ({"ema": ema} if ema else {})
+
+
+def run_config(
+    name: str, size: str, student: str, shared: bool = False, recipe: str = "dmd2", **train
+) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    section, data_extra, train_extra = recipe_section(recipe, student)
+    data = {
+        "output_dir": str(WORK / "runs" / name),
+        "teacher": {"model_id": str(teacher_dir(size)), "family": "sd15", "resolution": 256},
+        "student": {"type": student, "shared_base": shared, "lora": {"rank": 16, "alpha": 16}},
+        "recipe": section,
+        "data": {"prompts": str(WORK / "prompts.txt"), **data_extra},
+        "train": {
+            "max_steps": 1,
+            "batch_size": 1,
+            "checkpoint_every": 10**6,
+            **train_extra,
+            **train,
         },
-        "data": {"prompts": str(WORK / "prompts.txt")},
-        "train": {"max_steps": 1, "batch_size": 1, "checkpoint_every": 10**6, **train},
         "export": {"enabled": False},
         "logging": {"progress_bar": False, "sample_every": 0, "report": False},
     }
@@ -122,21 +150,32 @@ def main() -> int:
         "setup": __doc__.split("\n\n")[1].strip(),
         "recipes": {},
     }
-    for name, student in (("dmd2_sd15_mid_full", "full"), ("dmd2_sd15_mid_lora", "lora")):
-        enable_export = student == "full"
-        path = run_config(name, "mid", student)
+    runs = [("dmd2", "full"), ("dmd2", "lora")] + [
+        (recipe, "full") for recipe in ("sid", "swiftbrush", "lcm", "apt")
+    ]
+    only = os.environ.get("PERF_RECIPES")  # e.g. PERF_RECIPES=lcm,apt for a partial re-run
+    for recipe, student in runs:
+        if only and recipe not in only.split(","):
+            continue
+        name = f"{recipe}_sd15_mid_{student}"
+        enable_export = (recipe, student) == ("dmd2", "full")
+        path = run_config(name, "mid", student, recipe=recipe)
         if enable_export:  # the latency measurement needs this run's exported pipeline
             data = yaml.safe_load(path.read_text())
             data["export"] = {"enabled": True, "verify": True}
             path.write_text(yaml.safe_dump(data))
         got = worker("speed", str(path))
-        result["recipes"][name] = {
+        key = recipe if student == "full" else f"{recipe}_{student}"
+        result["recipes"][key] = {
             "overhead_ratio": round(got["step_s"] / got["bare_s"], 3),
             "steps_per_s": round(1 / got["step_s"], 3),
             "step_s": round(got["step_s"], 3),
             "bare_passes_s": round(got["bare_s"], 3),
             "peak_rss_mb": round(got["peak_rss_mb"]),
+            "config": f"mid SD1.5 UNet, {student} student, run {name}",
+            "bare_passes": got["passes_per_step"],
         }
+        print(key, json.dumps(result["recipes"][key]), flush=True)
     result["export_latency"] = worker(
         "latency", str(WORK / "runs" / "dmd2_sd15_mid_full"), str(teacher_dir("mid"))
     )

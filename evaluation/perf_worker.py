@@ -2,6 +2,7 @@
 
     python evaluation/perf_worker.py memory RUN.yaml   -> {"baseline_mb", "peak_mb", ...}
     python evaluation/perf_worker.py speed RUN.yaml    -> step times: Trainer vs bare passes
+        (the bare passes are recorded from real steps, then replayed)
     python evaluation/perf_worker.py latency RUN_DIR TEACHER_DIR -> export vs teacher latency
 
 Why a worker: ru_maxrss only grows, so each configuration needs its own process; and the
@@ -60,40 +61,158 @@ def _timed(fn, repeats: int) -> float:
 
 
 def speed(config: str, windows: int = 3, every: int = 2) -> dict:
-    """Median Trainer step (windows after the first) vs the bare passes the same step needs."""
+    """Median Trainer step (windows after the first) vs the bare passes the same steps need."""
     trainer = _trainer(config, **{"train.max_steps": windows * every, "logging.every": every})
     trainer.train()
     text = (trainer.output_dir / "metrics.jsonl").read_text().splitlines()
     lines = [json.loads(x) for x in text[-windows:]]  # this run's windows; the first warms up
     step_s = statistics.median(1 / r["steps_per_s"] for r in lines[1:])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step_s": step_s, "bare_s": bare_dmd2_step(trainer), "peak_rss_mb": peak / MB}
+    calls = record_passes(trainer, range(windows * every, (windows + 1) * every))
+    return {
+        "step_s": step_s,
+        "bare_s": bare_step(trainer, calls, every),
+        "peak_rss_mb": peak / MB,
+        "passes_per_step": passes_summary(calls, every),
+    }
 
 
-def bare_dmd2_step(trainer) -> float:
-    """DMD2 (no GAN, fake guidance 1, fake_updates_per_generator=1) with nothing around it:
-    generator step = generator fwd+bwd, fake fwd, teacher fwd at 2B (CFG); fake step = fake
-    fwd+bwd on the generator's (reused) sample. Same networks, shapes and dtypes."""
-    t, rc = trainer.teacher, trainer.recipe
-    gen, fake = rc.roles["generator"], rc.roles["fake_score"]
-    b = trainer.cfg.train.batch_size
-    cond = t.encode(trainer.data.prompts[:b])
-    x = torch.randn((b, *t.latent_shape()), device=t.device)
-    ts = t.sample_t(b, None, 0.02, 0.98)
-    g = rc.cfg.real_guidance_scale
+# ----------------------------------------------------------------------------- bare passes
+# The bare passes of a step are found, not hand-listed: one real Trainer step per schedule slot
+# runs with every network call recorded (the denoisers of all roles and the teacher, EMA targets,
+# text encoders, VAE encoder), and the timed "bare" step replays exactly those calls (same
+# modules, inputs, grad mode; inputs that carried a gradient get one) and one backward per role
+# update over the outputs that need it. Everything else (the recipe's math, clipping, optimiser,
+# EMA, logging, the loop) is the overhead the ratio measures.
 
-    def step() -> None:
-        out = t.forward(gen, x, ts, cond.cond)
-        with torch.no_grad():
-            t.forward(fake, x, ts, cond.cond)
-            t.predict(t.denoiser, x, ts, cond, g)
-        out.float().square().mean().backward()
-        t.forward(fake, x, ts, cond.cond).float().square().mean().backward()
-        for p in trainer.params["generator"] + trainer.params["fake_score"]:
-            p.grad = None
 
-    step()
-    return _timed(step, 5)
+def _tree(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tree(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _tree(v, fn) for k, v in value.items()}
+    return value
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _tree(value, lambda t: out.append(t) or t)
+    return out
+
+
+def _networks(trainer) -> list[tuple[str, object, str]]:
+    """(label, object, method) for every network a step may call."""
+    found: dict[int, tuple[str, object, str]] = {}
+    for name, module in trainer.teacher.pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            method = "encode" if name == "vae" else "forward"
+            found.setdefault(id(module), (f"teacher.{name}", module, method))
+    for name, module in {**trainer.recipe.roles, **trainer.recipe.state_modules()}.items():
+        found.setdefault(id(module), (name, module, "forward"))
+    return list(found.values())
+
+
+def record_passes(trainer, steps) -> list[tuple]:
+    """Run ``steps`` real train steps, recording each network call (outermost calls only)."""
+    calls: list[tuple] = []
+    depth = [0]
+    patched = []
+
+    def wrap(label, obj, method):
+        original = getattr(obj, method)
+
+        def recorded(*args, **kwargs):
+            if depth[0] == 0:
+                keep = lambda t: t.detach().clone().requires_grad_(t.requires_grad)  # noqa: E731
+                calls.append(
+                    ("call", label, obj, method, _tree(args, keep), _tree(kwargs, keep),
+                     torch.is_grad_enabled())
+                )  # fmt: skip
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        setattr(obj, method, recorded)
+        patched.append((obj, method))
+
+    for label, obj, method in _networks(trainer):
+        wrap(label, obj, method)
+    recipe, acc = trainer.recipe, trainer.accelerator
+    loss, backward = recipe.loss, acc.backward
+
+    def loss_marked(role, batch, step):
+        if not calls or calls[-1][:2] != ("role", role):
+            calls.append(("role", role))
+        return loss(role, batch, step)
+
+    def backward_marked(value, **kwargs):
+        calls.append(("backward",))
+        return backward(value, **kwargs)
+
+    recipe.loss, acc.backward = loss_marked, backward_marked
+    try:
+        for step in steps:
+            trainer.train_step(step)
+    finally:
+        del recipe.loss, acc.backward
+        for obj, method in patched:
+            delattr(obj, method)
+    return calls
+
+
+def passes_summary(calls, steps: int) -> dict[str, str]:
+    """Per step: network -> 'F fwd (G with grad), B in backward' at the recorded batch sizes."""
+    out: dict[str, list[str]] = {}
+    for call in calls:
+        if call[0] == "call":
+            _, label, _, method, args, kwargs, grad = call
+            batch = next((t.shape[0] for t in _leaves((args, kwargs)) if t.ndim >= 2), "?")
+            out.setdefault(label, []).append(f"{method}(batch {batch}{', grad' if grad else ''})")
+    return {
+        k: f"{len(v) / steps:g} calls/step: " + ", ".join(sorted(set(v))) for k, v in out.items()
+    }
+
+
+def bare_step(trainer, calls, steps: int) -> float:
+    """Seconds per step of the recorded network calls replayed bare (median of 3)."""
+    params = trainer.params
+
+    def replay() -> None:
+        outputs: list[torch.Tensor] = []
+        for call in calls:
+            if call[0] == "role":
+                for name, ps in params.items():
+                    for p in ps:
+                        p.requires_grad_(name == call[1])
+            elif call[0] == "backward":
+                if outputs:
+                    sum(o.float().mean() for o in outputs).backward()
+                outputs = []
+                for ps in params.values():
+                    for p in ps:
+                        p.grad = None
+            else:
+                _, _, obj, method, args, kwargs, grad = call
+                fresh = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
+                side = hasattr(obj, "logits")  # APT's discriminator: heads' logits, not `out`
+                if side:
+                    obj.adapter = trainer.teacher  # as apt.discriminate sets it for a call
+                with torch.set_grad_enabled(grad):
+                    out = getattr(obj, method)(*_tree(args, fresh), **_tree(kwargs, fresh))
+                if side:
+                    out, obj.adapter, obj.logits = obj.logits, None, None
+                outputs += [o for o in _leaves(out) if o.requires_grad]
+        for ps in params.values():
+            for p in ps:
+                p.requires_grad_(True)
+                p.grad = None
+
+    replay()
+    return _timed(replay, 3) / steps
 
 
 def latency(run_dir: str, teacher_dir: str, steps: int = 25, guidance: float = 7.5) -> dict:
