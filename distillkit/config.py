@@ -62,6 +62,12 @@ class StudentConfig(Strict):
         False,
         description="LoRA roles as adapters on the teacher's own denoiser: one copy of the base",
     )
+    start_timestep: int | None = Field(
+        None,
+        ge=1,
+        description="timestep the generator sees with pure noise (SiD-LSG's t_init); None = T-1. "
+        "Epsilon teachers at T-1 divide the generator's error by alpha_T (~0.07): a fine speckle",
+    )
 
 
 class DatasetSource(Strict):

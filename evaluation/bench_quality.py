@@ -33,6 +33,8 @@ TEACHER_STEPS = (1, 2, 4, 25)
 REF_STEPS = 25
 SWEEP = (1.0, 2.0, 4.0, 7.5)
 GOAL = {"accuracy_gap": 0.03, "fd_ratio": 1.25}
+# training order: APT starts from the DMD2 student's export (recipe.init_from)
+RECIPE_ORDER = ("dmd2", "sid", "swiftbrush", "lcm", "lcm_lora", "apt")
 KEEP = ("accuracy", "fd", "diversity", "precision", "mean_pairwise_ratio", "n")
 
 
@@ -187,8 +189,13 @@ def student_jobs(family: str, args) -> list[dict]:
     """Students to score: <recipe>_<family>.yaml runs, then pipelines given by NAME=DIR."""
     from distillkit.config import load_config
 
+    def order(config: Path) -> tuple[int, str]:
+        recipe = config.stem[: -len(family) - 1]
+        known = recipe in RECIPE_ORDER
+        return (RECIPE_ORDER.index(recipe) if known else len(RECIPE_ORDER), recipe)
+
     jobs = []
-    for config in sorted(args.recipes_dir.glob(f"*_{family}.yaml")):
+    for config in sorted(args.recipes_dir.glob(f"*_{family}.yaml"), key=order):
         recipe = config.stem[: -len(family) - 1]
         if args.recipes is not None and recipe not in args.recipes:
             continue

@@ -82,6 +82,7 @@ class Trainer:
         # read the finished cache instead of racing on a half-written directory
         with accelerator.main_process_first():
             self.teacher: TeacherAdapter = load_teacher(cfg.teacher, accelerator.device, smoke)
+        self.teacher.use_start_timestep(cfg.student.start_timestep)
         if cfg.data.cache_dir:
             from distillkit.data.cache import TeacherKey, precompute_cache
 

@@ -35,6 +35,7 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
         verify(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg.teacher, device, smoke)
+    teacher.use_start_timestep(cfg.student.start_timestep)
     recipe = get_recipe(cfg.recipe.name)(cfg, teacher)
     generator = recipe.generator_net()
     load_trainable(generator, path / f"{recipe.generator_role}.safetensors")

@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline
 from torch import Tensor, nn
 
 from distillkit.diffusion.schedules import Schedule
+from distillkit.errors import ConfigError
 
 
 def tree_map(fn, tree: Any) -> Any:
@@ -95,6 +96,7 @@ class TeacherAdapter:
         self.pipe = pipe
         self.resolution = resolution
         self.device = device
+        self.start_timestep: int | None = None  # see use_start_timestep
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -124,6 +126,23 @@ class TeacherAdapter:
     def export_scheduler(self):
         """A scheduler whose k-step trajectory is exactly :meth:`generate`'s."""
         raise NotImplementedError
+
+    def use_start_timestep(self, t: int | None) -> None:
+        """Start generators (training and export) at timestep ``t`` instead of T-1.
+
+        The export scheduler must carry it in its own config, so plain diffusers samples the same
+        trajectory; families whose scheduler cannot say it refuse here with the field name.
+        """
+        if t is None:
+            return
+        self.check_start_timestep(t)
+        self.start_timestep = t
+
+    def check_start_timestep(self, t: int) -> None:
+        raise ConfigError(
+            f"student.start_timestep: the {self.family} family starts its generators at the "
+            "export scheduler's first step; remove the setting"
+        )
 
     def pipeline_call_kwargs(self) -> dict:
         """Extra arguments the family's pipeline needs to reproduce training-time sampling."""

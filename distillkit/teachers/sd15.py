@@ -10,6 +10,7 @@ from diffusers import LCMScheduler
 from torch import Tensor, nn
 
 from distillkit.diffusion.schedules import VPSchedule
+from distillkit.errors import ConfigError
 from distillkit.registry import register_family
 from distillkit.teachers.base import TeacherAdapter
 
@@ -23,11 +24,23 @@ class UNetAdapterMixin:
         return VPSchedule.from_scheduler_config(scheduler_config)
 
     def export_scheduler(self) -> LCMScheduler:
-        # "trailing" spacing makes the one-step timestep T-1, where the generator is trained;
-        # LCM's step is exactly "predict x0, re-noise to the next timestep".
+        # LCM's step is exactly "predict x0, re-noise to the next timestep". Its grid is
+        # range(1, s + 1) * (T // s) - 1 for s = original_inference_steps, and one step takes the
+        # top of it: T-1 by default; with s = t + 1 > T/2 the spacing is 1 and the top is t.
         known = set(inspect.signature(LCMScheduler.__init__).parameters)
         config = {k: v for k, v in self.pipe.scheduler.config.items() if k in known}
-        return LCMScheduler(**{**config, "timestep_spacing": "trailing", "steps_offset": 1})
+        config.update(timestep_spacing="trailing", steps_offset=1)
+        if self.start_timestep is not None:
+            config["original_inference_steps"] = self.start_timestep + 1
+        return LCMScheduler(**config)
+
+    def check_start_timestep(self, t: int) -> None:
+        n = self.schedule.num_train_timesteps
+        if not n // 2 <= t < n:
+            raise ConfigError(
+                f"student.start_timestep={t}: LCMScheduler can start one-step sampling at "
+                f"{n // 2}..{n - 1} for this teacher (T = {n}); choose a value in that range"
+            )
 
     def feature_module(self, net: nn.Module) -> tuple[nn.Module, int]:
         return net.mid_block, int(net.config.block_out_channels[-1])

@@ -78,6 +78,42 @@ def test_one_step_generation_matches_the_pipeline(family, tiny_adapter):
     assert isinstance(pipe, DiffusionPipeline)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_start_timestep_reaches_the_exported_scheduler(family, tiny_adapter, tmp_path):
+    """student.start_timestep moves the one-step timestep in training and in the saved export."""
+    adapter = tiny_adapter(family)
+    try:
+        adapter.use_start_timestep(625)
+        assert adapter.generator_timesteps(1).tolist() == [625.0]
+        four = adapter.generator_timesteps(4).tolist()
+        assert four[0] == 625.0 and four == sorted(four, reverse=True) and len(set(four)) == 4
+        noise = _fixed_noise(adapter)
+        with torch.no_grad():
+            ours = adapter.generate(adapter.denoiser, noise, adapter.encode([VERIFY_PROMPT]), 1)
+            at_top = adapter.consistency(
+                adapter.denoiser, noise, torch.full((1,), 999.0), adapter.encode([VERIFY_PROMPT])
+            )
+        assert not torch.allclose(ours, at_top)
+        adapter.pipeline_for_export(adapter.denoiser).save_pretrained(tmp_path)
+        pipe = DiffusionPipeline.from_pretrained(tmp_path)  # plain diffusers, no distillkit
+        pipe.scheduler.set_timesteps(1)
+        assert pipe.scheduler.timesteps.tolist() == [625]
+        pipe.set_progress_bar_config(disable=True)
+        torch.testing.assert_close(ours, pipeline_one_step(pipe, adapter, noise), atol=1e-5, rtol=0)
+    finally:
+        adapter.start_timestep = None
+
+
+def test_start_timestep_is_refused_where_the_scheduler_cannot_carry_it(tiny_adapter):
+    from distillkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="student.start_timestep"):
+        tiny_adapter("sana").use_start_timestep(700)
+    with pytest.raises(ConfigError, match=r"student.start_timestep=100: .*500\.\.999"):
+        tiny_adapter("sd15").use_start_timestep(100)
+    assert tiny_adapter("sd15").start_timestep is None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vae_round_trip_shapes(family, tiny_adapter):
     adapter = tiny_adapter(family)
