@@ -8,7 +8,9 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
   bare with one backward per role update (perf_worker.record_passes). Every recipe with its
   shipped sd15 recipe section and EMA, full student, batch 1, fp32, no checkpointing; DMD2 with
   fake_updates_per_generator=1 (and APT with one discriminator update) so a step has both roles;
-  real images (LCM, APT) are the digits set at 256 px.
+  real images (LCM, APT) are the digits set at 256 px. Real steps and bare replays alternate
+  in one process (medians of 3). update_s: the step's clipping + optimiser + EMA time (fused
+  AdamW; work a bare forward/backward does not do); overhead_ratio_without_update leaves it out.
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
 Writes evaluation/results/perf.json. Each measurement runs in a fresh process (perf_worker.py).
 """
@@ -172,6 +174,10 @@ def main() -> int:
             "step_s": round(got["step_s"], 3),
             "bare_passes_s": round(got["bare_s"], 3),
             "peak_rss_mb": round(got["peak_rss_mb"]),
+            "update_s": round(got["update_s"], 3),
+            "overhead_ratio_without_update": round(
+                (got["step_s"] - got["update_s"]) / got["bare_s"], 3
+            ),
             "config": f"mid SD1.5 UNet, {student} student, run {name}",
             "bare_passes": got["passes_per_step"],
         }

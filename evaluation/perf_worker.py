@@ -60,21 +60,68 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def speed(config: str, windows: int = 3, every: int = 2) -> dict:
-    """Median Trainer step (windows after the first) vs the bare passes the same steps need."""
+def speed(config: str, windows: int = 2, every: int = 2, rounds: int = 3) -> dict:
+    """Trainer steps vs the bare passes the same steps need, measured interleaved.
+
+    ``train()`` runs ``windows`` logging windows first (warm-up: lazy optimiser state, caches,
+    allocator), then one window's steps are recorded (``record_passes``); then ``rounds`` times,
+    alternately, ``every`` real steps (``train_step`` plus the window's NaN check and log
+    reduction, as ``train()`` does them) and their bare replay. Medians of each; alternating
+    keeps load from other processes and allocator warm-up from favouring either side.
+    """
     trainer = _trainer(config, **{"train.max_steps": windows * every, "logging.every": every})
     trainer.train()
-    text = (trainer.output_dir / "metrics.jsonl").read_text().splitlines()
-    lines = [json.loads(x) for x in text[-windows:]]  # this run's windows; the first warms up
-    step_s = statistics.median(1 / r["steps_per_s"] for r in lines[1:])
+    first = windows * every
+    calls = record_passes(trainer, range(first, first + every))
+    update = _time_updates(trainer)
+    replay = bare_replay(trainer, calls)
+    replay()
+    real_s, bare_s, update_s = [], [], []
+    for r in range(rounds):
+        steps = list(range(first + (r + 1) * every, first + (r + 2) * every))
+        update.clear()
+        start = time.perf_counter()
+        pending = [trainer.train_step(step) for step in steps]
+        trainer.check_nonfinite(steps[-1])
+        trainer._reduce(pending, trainer.accelerator)
+        real_s.append((time.perf_counter() - start) / every)
+        update_s.append(sum(update.values()) / every)
+        start = time.perf_counter()
+        replay()
+        bare_s.append((time.perf_counter() - start) / every)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    calls = record_passes(trainer, range(windows * every, (windows + 1) * every))
     return {
-        "step_s": step_s,
-        "bare_s": bare_step(trainer, calls, every),
+        "step_s": statistics.median(real_s),
+        "bare_s": statistics.median(bare_s),
+        "update_s": statistics.median(update_s),
         "peak_rss_mb": peak / MB,
         "passes_per_step": passes_summary(calls, every),
     }
+
+
+def _time_updates(trainer) -> dict[str, float]:
+    """Wall time of the parameter-update work inside steps: clipping, optimiser, EMA."""
+    spent: dict[str, float] = {}
+
+    def wrap(obj, name, label):
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(obj, name, timed)
+
+    for opt in trainer.optimizers.values():
+        wrap(opt, "step", "optimizer")
+    wrap(trainer.accelerator, "clip_grad_norm_", "clip")
+    if trainer.ema is not None:
+        wrap(trainer.ema, "step_masked", "ema")
+    wrap(trainer.recipe, "after_update", "after_update")
+    return spent
 
 
 # ----------------------------------------------------------------------------- bare passes
@@ -177,8 +224,8 @@ def passes_summary(calls, steps: int) -> dict[str, str]:
     }
 
 
-def bare_step(trainer, calls, steps: int) -> float:
-    """Seconds per step of the recorded network calls replayed bare (median of 3)."""
+def bare_replay(trainer, calls):
+    """A function that replays the recorded network calls bare."""
     params = trainer.params
 
     def replay() -> None:
@@ -211,8 +258,7 @@ def bare_step(trainer, calls, steps: int) -> float:
                 p.requires_grad_(True)
                 p.grad = None
 
-    replay()
-    return _timed(replay, 3) / steps
+    return replay
 
 
 def latency(run_dir: str, teacher_dir: str, steps: int = 25, guidance: float = 7.5) -> dict:
