@@ -278,7 +278,7 @@ class Trainer:
             if step > self.last_bad:  # only progress past the failure clears the count
                 self.rollbacks = 0
             return None
-        where = f"{seen.where}, found at step {step}"
+        where = f"{seen.where}, seen at the check after step {step}"
         if cfg.nan_policy == "stop":
             raise TrainingDiverged(
                 f"{where}; stopped before any checkpoint of it was written. Lower recipe.lr, "
