@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from distillkit.engine.loop import Trainer
@@ -34,7 +35,9 @@ def dump_rank_state(trainer: Trainer) -> Path | None:
     for role, module in trainer.recipe.roles.items():
         for name, p in acc.unwrap_model(module).named_parameters():
             if p.requires_grad:
-                tensors[f"{role}.{name}"] = p.detach().float().cpu().contiguous()
+                # FSDP: whole tensors (a collective, same order on every rank)
+                whole = p.full_tensor() if isinstance(p, DTensor) else p
+                tensors[f"{role}.{name}"] = whole.detach().float().cpu().contiguous()
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
     # micro_batches is the pure (step, rank) -> samples function the loop itself trained on
     steps = range(trainer.cfg.train.max_steps)

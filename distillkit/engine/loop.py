@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
@@ -39,7 +40,15 @@ from distillkit.engine.guards import (
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker
 from distillkit.engine.optim import build_optimizer, inner_optimizer, takes_found_inf
-from distillkit.engine.state import CheckpointDir, load_trainable, save_trainable
+from distillkit.engine.sharding import (
+    gather_full,
+    gather_tensors,
+    gather_trainable,
+    is_sharded,
+    load_trainable_state,
+    make_accelerator,
+)
+from distillkit.engine.state import CheckpointDir, load_trainable
 from distillkit.errors import ConfigError
 from distillkit.export import ExportReport, export_student
 from distillkit.hub import write_model_card
@@ -105,6 +114,15 @@ class Trainer:
         self.start_step = 0
         self.lr_scale = 1.0
         self.callbacks = default_callbacks(cfg) if accelerator.is_main_process else []
+        if is_sharded(accelerator) and cfg.logging.sample_every > 0:
+            # the grids run the generator on rank 0 alone; a sharded forward needs every rank
+            from distillkit.engine.samples import SampleCallback
+
+            self.callbacks = [c for c in self.callbacks if not isinstance(c, SampleCallback)]
+            accelerator.print(
+                "warning: sample grids (logging.sample_every) are not made under FSDP yet; "
+                "evaluate the exported pipeline instead"
+            )
 
     # ------------------------------------------------------------------ setup
     def _build_optimisation(self) -> None:
@@ -124,14 +142,16 @@ class Trainer:
             get_scheduler(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.max_steps)
             for opt in optimizers
         ]
-        prepared = acc.prepare(*[self.recipe.roles[n] for n in names], *optimizers, *schedulers)
-        k = len(names)
-        for i, name in enumerate(names):
-            self.recipe.roles[name] = prepared[i]
+        # one prepare() per role: accelerate's FSDP2 takes one model (with its optimiser) per
+        # call ("Only one model is supported when using FSDP2"); accelerate's model, optimiser
+        # and scheduler lists (hence checkpoint file order) come out as with a single call
+        self.optimizers, self.schedulers = {}, {}
+        for name, opt, sched in zip(names, optimizers, schedulers):
+            module, opt, sched = acc.prepare(self.recipe.roles[name], opt, sched)
+            self.recipe.roles[name] = module
+            self.optimizers[name], self.schedulers[name] = opt, sched
         # FSDP2 replaces parameters in prepare(): switch, clip and average the prepared ones
         self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
-        self.optimizers = dict(zip(names, prepared[k : 2 * k]))
-        self.schedulers = dict(zip(names, prepared[2 * k :]))
         self.nonfinite = NonfiniteTracker(acc.device)
         self.rollbacks, self.last_bad = 0, -1  # deferred NaN guard: failures without progress
         self.ema = None
@@ -139,15 +159,24 @@ class Trainer:
             self.ema = GuardedEMA(self.params[self.recipe.generator_role], decay=cfg.ema.decay)
             acc.register_for_checkpointing(self.ema)
 
+        # Each role's trainable tensors go to <role>.safetensors (what `distillkit export` and
+        # resumes read). Under FSDP accelerate saves/loads the sharded models itself and hands
+        # these hooks empty lists: the roles are gathered here on every rank (a collective),
+        # rank 0 writes, and every rank loads its shard back from the whole tensors.
         def save_hook(models, weights, out_dir):
-            if acc.is_main_process:
-                for name, model, state in zip(names, models, weights):
-                    save_trainable(model, Path(out_dir) / f"{name}.safetensors", state)
+            for name in names:
+                tensors = gather_trainable(acc, self.recipe.roles[name])
+                if tensors is not None:
+                    save_file(tensors, str(Path(out_dir) / f"{name}.safetensors"))
             weights.clear()
 
         def load_hook(models, in_dir):
-            for name, model in zip(names, models):
-                load_trainable(model, Path(in_dir) / f"{name}.safetensors")
+            for name in names:
+                load_trainable(
+                    self.recipe.roles[name],
+                    Path(in_dir) / f"{name}.safetensors",
+                    loader=lambda module, tensors: load_trainable_state(acc, module, tensors),
+                )
             models.clear()
 
         acc.register_save_state_pre_hook(save_hook)
@@ -231,6 +260,8 @@ class Trainer:
                     for key, value in {"loss": loss.detach(), **parts}.items():
                         logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
                 grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
+                if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor; no comm
+                    grad_norm = grad_norm.full_tensor()
                 applied = None
                 if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
                     nonfinite = (~torch.isfinite(grad_norm.detach())).float()
@@ -402,7 +433,7 @@ class Trainer:
         if main:
             summary = {"steps": total, "train_seconds": round(train_seconds, 2)}
             (self.output_dir / "train.json").write_text(json.dumps(summary))
-        report = self.export() if cfg.export.enabled and main else None
+        report = self.export() if cfg.export.enabled else None  # every rank: may gather
         acc.wait_for_everyone()
         result = RunResult(self.output_dir, cfg.train.max_steps, report, train_seconds)
         for callback in self.callbacks:
@@ -436,17 +467,40 @@ class Trainer:
         data = {"smoke": self.smoke, "config": self.cfg.model_dump(mode="json")}
         (self.output_dir / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    def generator_for_export(self) -> torch.nn.Module:
-        net = self.accelerator.unwrap_model(self.recipe.generator_net(), keep_fp32_wrapper=False)
-        if self.ema is None or not self.cfg.train.ema.use_for_export:
-            return net
-        ema_net = copy.deepcopy(net)
-        self.ema.copy_to([p for p in ema_net.parameters() if p.requires_grad])
-        return ema_net
+    def generator_for_export(self) -> torch.nn.Module | None:
+        """The generator to export (EMA weights when configured), whole, on the main process;
+        None elsewhere. Call on every rank: under FSDP gathering the shards is a collective."""
+        acc = self.accelerator
+        use_ema = self.ema is not None and self.cfg.train.ema.use_for_export
+        module = self.recipe.generator_net()
+        if not is_sharded(acc):
+            if not acc.is_main_process:
+                return None
+            net = acc.unwrap_model(module, keep_fp32_wrapper=False)
+            if not use_ema:
+                return net
+            ema_net = copy.deepcopy(net)
+            self.ema.copy_to([p for p in ema_net.parameters() if p.requires_grad])
+            return ema_net
+        # FSDP: every rank gathers the generator (and the EMA shadows), rank 0 rebuilds a
+        # plain, unsharded copy from the teacher and loads the whole state into it
+        state = gather_full(acc, module)
+        shadows = gather_tensors(acc, self.ema.shadow_params) if use_ema else None
+        if not acc.is_main_process:
+            return None
+        net = self.recipe.plain_generator()
+        net.load_state_dict(state, strict=True)
+        if shadows is not None:
+            trainable = [p for p in net.parameters() if p.requires_grad]
+            for p, shadow in zip(trainable, shadows, strict=True):
+                p.data.copy_(shadow)
+        return net
 
-    def export(self) -> ExportReport:
+    def export(self) -> ExportReport | None:
         cfg = self.cfg
         generator = self.generator_for_export()
+        if generator is None:
+            return None
         if not all_finite(generator.parameters()):
             raise TrainingDiverged("the generator's weights are not finite; nothing was exported")
         info = card_info(cfg, self.smoke)
@@ -479,7 +533,7 @@ class Trainer:
 def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:
     """Check, lock the output directory (main process), train, export, unlock."""
     check_runtime(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     output_dir = Path(cfg.output_dir)
     lock = RunLock(output_dir)
     if accelerator.is_main_process:

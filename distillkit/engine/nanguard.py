@@ -63,12 +63,36 @@ class GuardedEMA(EMAModel):
         self.step_masked(parameters, torch.ones((), device=device))
 
     def state_dict(self) -> dict:
+        """Whole tensors even when the shadows are FSDP (DTensor) shards: accelerate evaluates
+        this on every rank before rank 0 writes it, so the gather is a proper collective."""
         self._sync()
-        return super().state_dict()
+        state = super().state_dict()
+        state["shadow_params"] = [_whole(s) for s in state["shadow_params"]]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = None
+        templates = list(self.shadow_params)
         super().load_state_dict(state_dict)
+        # sharded shadows: each rank keeps its own shard of the whole saved tensor
+        self.shadow_params = [
+            _reshard(loaded, like) for loaded, like in zip(self.shadow_params, templates)
+        ]
+
+
+def _whole(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _reshard(loaded: Tensor, like: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or isinstance(loaded, DTensor):
+        return loaded
+    full = loaded.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements).requires_grad_(False)
 
 
 @dataclass

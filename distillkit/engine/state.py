@@ -37,14 +37,21 @@ def save_trainable(module: nn.Module, path: Path, full_state: dict | None = None
     save_file(tensors, str(path))
 
 
-def load_trainable(module: nn.Module, path: Path) -> None:
+def load_trainable(module: nn.Module, path: Path, loader=None) -> None:
+    """Load ``path`` into ``module``'s trainable tensors. ``loader(module, tensors)`` replaces
+    the plain ``load_state_dict`` (the training loop passes one that also fills FSDP shards)."""
     tensors = load_file(str(path))
-    missing = set(trainable_names(module)) - set(tensors)
+    names = set(trainable_names(module))
+    missing = names - set(tensors)
     if missing:
         raise DistillkitError(f"{path}: missing trainable tensors, e.g. {sorted(missing)[:3]}")
-    _, unexpected = _unwrap(module).load_state_dict(tensors, strict=False)
+    unexpected = sorted(set(tensors) - names)
     if unexpected:
         raise DistillkitError(f"{path}: tensors that the network lacks, e.g. {unexpected[:3]}")
+    if loader is not None:
+        loader(module, tensors)
+    else:
+        _unwrap(module).load_state_dict(tensors, strict=False)
 
 
 def _fsync_tree(root: Path) -> None:

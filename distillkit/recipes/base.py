@@ -77,3 +77,18 @@ class Recipe:
 
     def generator_net(self) -> nn.Module:
         return self.roles[self.generator_role]
+
+    def plain_generator(self) -> nn.Module:
+        """A fresh, unprepared network with the generator's architecture and parameter names
+        (teacher weights, untrained adapters), to load gathered weights into: the FSDP export.
+        Every recipe's generator is ``trainable_copy(teacher.denoiser, student.type, ...)``."""
+        from distillkit.errors import ConfigError
+        from distillkit.students import trainable_copy
+
+        student = self.run_cfg.student
+        if student.shared_base:
+            raise ConfigError(
+                "student.shared_base=true is not supported under FSDP (the roles share the "
+                "teacher's own denoiser); turn student.shared_base off or use DDP"
+            )
+        return trainable_copy(self.teacher.denoiser, student.type, student.lora)

@@ -88,5 +88,11 @@ def test_only_rank_zero_writes_logs_checkpoints_and_exports(two_rank_run):
     ]
     leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".lock")]
     assert not leftovers, leftovers
+    # the role files hold the trained tensors themselves (not DDP's "module."-prefixed copy)
+    final = load_file(str(out.parent / "dump" / "rank0.safetensors"))
+    saved = load_file(str(out / "checkpoints" / ckpts[1] / "generator.safetensors"))
+    expected = {k.split(".", 1)[1]: v for k, v in final.items() if k.startswith("generator.")}
+    assert set(saved) == set(expected)
+    assert all(torch.equal(saved[k].float(), expected[k]) for k in saved)
     assert (out / "pipeline" / "model_index.json").is_file()
     assert json.loads((out / "export.json").read_text())["pipeline_max_abs_diff"] is not None
