@@ -57,6 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=DIR",
         help="also score this exported pipeline dir as student NAME (no training); repeatable",
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only merge the digits.json of runs made with --out-dir DIR (e.g. one per family, "
+        "run side by side) into --out-dir, with their grids",
+    )
     args = p.parse_args(argv)
     quick_root = ROOT / "runs" / "bench_quick"
     args.out_dir = args.out_dir or (
@@ -282,7 +291,7 @@ def render_markdown(results: dict) -> str:
             lines.append(_row([r["recipe"], r["family"], "-", "-", "-", "-", "-", fail]))
             continue
         ref = results["teachers"][r["family"]][str(REF_STEPS)]
-        verdict = goal_verdict(r, ref)[1] if r["steps"] == 1 else ""
+        verdict = goal_verdict(r, ref)[1]  # few-step rows (LCM) against the same goal
         secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"
         cells = [r["recipe"], r["family"], r["steps"], f"{r['accuracy']:.3f}", f"{r['fd']:.1f}"]
         lines.append(_row([*cells, f"{r['diversity']:.2f}", secs, verdict]))
@@ -316,15 +325,39 @@ def protocol(args) -> dict:
 def write_results(results: dict, out_dir: Path) -> None:
     """Written after every family, so a crash late in a long run keeps what was scored."""
     for row in results["students"]:
-        if row.get("steps") == 1 and row["family"] in results["teachers"]:
+        if "steps" in row and row["family"] in results["teachers"]:
             ref = results["teachers"][row["family"]][str(REF_STEPS)]
             row["goal_pass"] = goal_verdict(row, ref)[0]
     (out_dir / "digits.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "digits.md").write_text(render_markdown(results))
 
 
+def merge_results(parts: list[Path], out_dir: Path) -> dict:
+    """One digits.json from per-family runs: their teachers, sweeps and students, in order."""
+    merged: dict | None = None
+    for part in parts:
+        result = json.loads((part / "digits.json").read_text())
+        if merged is None:
+            merged = {**result, "teachers": {}, "teacher_guidance_sweep": {}, "students": []}
+            merged["command"] = result["command"] + " (families run side by side, then --merge)"
+        merged["teachers"].update(result["teachers"])
+        merged["teacher_guidance_sweep"].update(result["teacher_guidance_sweep"])
+        merged["students"] += result["students"]
+        for grid in (part / "grids").glob("*.png"):
+            (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(grid, out_dir / "grids" / grid.name)
+    if merged is None:
+        raise SystemExit("--merge needs at least one directory holding a digits.json")
+    write_results(merged, out_dir)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merge_results(args.merge, args.out_dir)
+        print(f"wrote {args.out_dir / 'digits.json'} and {args.out_dir / 'digits.md'}")
+        return 0
     from distillkit.cli import quiet_libraries
     from distillkit.evaluation.digits_eval import load_judge
 

@@ -191,3 +191,20 @@ def test_bench_quality_quick(
     names = {p.name for p in (out / "grids").iterdir()}
     grids = ["teacher25", "teacher1", "dmd2_student1", "fake_student1", "combined"]
     assert {f"sdxl_{g}.png" for g in grids} <= names
+    # --merge: per-family result dirs (run side by side) become one digits.json with their grids
+    other = tmp_path / "other"
+    (other / "grids").mkdir(parents=True)
+    part = {**results, "teachers": {"sd15": results["teachers"]["sdxl"]}}
+    part["teacher_guidance_sweep"] = {"sd15": results["teacher_guidance_sweep"]["sdxl"]}
+    part["students"] = [{**s, "family": "sd15"} for s in results["students"][:1]]
+    (other / "digits.json").write_text(json.dumps(part))
+    (other / "grids" / "sd15_teacher25.png").write_bytes(b"png")
+    merged_dir = tmp_path / "merged"
+    assert bench.main(["--merge", str(out), str(other), "--out-dir", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "digits.json").read_text())
+    assert list(merged["teachers"]) == ["sdxl", "sd15"]
+    assert [s["family"] for s in merged["students"]] == ["sdxl"] * 3 + ["sd15"]
+    assert (
+        "--merge" in merged["command"] and (merged_dir / "grids" / "sd15_teacher25.png").is_file()
+    )
+    assert "| dmd2 | sd15 | 1 |" in (merged_dir / "digits.md").read_text()
