@@ -67,6 +67,9 @@ class RunResult:
     train_seconds: float
 
 
+SHARED_STREAM = 2**31 - 1  # stands in for the rank in step_generator's keys: same on all ranks
+
+
 def step_generator(seed: int, *keys: int) -> torch.Generator:
     """An independent random stream per (step, micro-batch, rank, role): exact resumes."""
     state = np.random.SeedSequence([seed, *keys]).generate_state(2)
@@ -133,6 +136,12 @@ class Trainer:
                 f"recipe {self.cfg.recipe.name!r} trains {len(names)} networks ({names}); "
                 "accelerate's DeepSpeed integration prepares only one model per run. Use an "
                 "FSDP preset (recipes/accelerate/fsdp_*.yaml) or DDP instead"
+            )
+        if is_sharded(acc) and self.cfg.student.shared_base:
+            raise ConfigError(
+                "student.shared_base=true cannot be sharded: its roles are adapters on the "
+                "teacher's own denoiser, which FSDP does not wrap. Turn student.shared_base off "
+                "(each role its own sharded copy) or use DDP"
             )
         self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
         optimizers = [
@@ -240,6 +249,7 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         roles = self.recipe.schedule(step)
         bad: torch.Tensor | None = None  # 0-dim float on the device: 1 once a gradient was bad
+        sharded = is_sharded(acc)
         try:
             for role_index, role in enumerate(roles):
                 for name, params in self.params.items():
@@ -250,6 +260,8 @@ class Trainer:
                 for m, (prompts, images, captions) in enumerate(micro):
                     gen = step_generator(cfg.seed, step, m, acc.process_index, role_index)
                     batch = Batch(prompts, images, captions, gen, scratch[m])
+                    if sharded:  # rank-free stream: all ranks make the same structural choices
+                        batch.shared = step_generator(cfg.seed, step, m, SHARED_STREAM, role_index)
                     sync = m == len(micro) - 1
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(module)
                     with ctx, acc.autocast():
@@ -259,9 +271,7 @@ class Trainer:
                         acc.backward(loss / len(micro))
                     for key, value in {"loss": loss.detach(), **parts}.items():
                         logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
-                grad_norm = acc.clip_grad_norm_(self.params[role], cfg.max_grad_norm)
-                if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor; no comm
-                    grad_norm = grad_norm.full_tensor()
+                grad_norm = self._clip(role)
                 applied = None
                 if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
                     nonfinite = (~torch.isfinite(grad_norm.detach())).float()
@@ -298,6 +308,17 @@ class Trainer:
             logs["_applied"] = 1.0 - bad  # _reduce leaves skipped steps out of the averages
             self.nonfinite.record(step, bad)
         return logs
+
+    def _clip(self, role: str) -> torch.Tensor | float | None:
+        acc, params, max_norm = self.accelerator, self.params[role], self.cfg.train.max_grad_norm
+        if not is_sharded(acc):
+            return acc.clip_grad_norm_(params, max_norm)
+        # accelerate's FSDP branch looks for the role's model by comparing parameter lists with
+        # ==, which turns into elementwise DTensor ops when two roles have as many parameters
+        # (SiD, SANA's DMD2): clip the role's DTensor gradients with torch directly
+        acc.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # replicated: no comm
 
     def check_nonfinite(self, step: int) -> int | None:
         """Read the device-side NaN counters (one sync; called only where the loop syncs anyway:

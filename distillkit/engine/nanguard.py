@@ -22,7 +22,11 @@ def masked_lerp_(targets: Iterable[Tensor], sources: Iterable[Tensor], weight, o
     """target <- target + weight (source - target), but only where the 0-dim flag ``ok`` is
     nonzero. torch.where, not a weight times ok: NaN * 0 is NaN, and a skipped step must leave
     the target bit-identical whatever the source holds."""
+    from torch.distributed.tensor import DTensor
+
     for target, source in zip(targets, sources):
+        if isinstance(source, DTensor) and not isinstance(target, DTensor):
+            source = source.full_tensor()  # FSDP role -> whole target (LCM's): a collective
         w = weight.to(target.dtype) if isinstance(weight, Tensor) else weight
         moved = target.lerp(source.detach().to(target.dtype), w)
         target.copy_(moved if ok is None else torch.where(ok > 0, moved, target))

@@ -29,7 +29,9 @@ CPU_FSDP_ENV = "DISTILLKIT_FSDP_ON_CPU"
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
     if os.environ.get(CPU_FSDP_ENV) != "1":
-        return Accelerator(mixed_precision=mixed_precision)
+        accelerator = Accelerator(mixed_precision=mixed_precision)
+        _check_world(accelerator)
+        return accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -43,6 +45,22 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def _check_world(accelerator: Accelerator) -> None:
+    """A launcher started N processes but accelerate set up one each (on a machine without
+    GPUs a GPU/FSDP launch config does this): N independent runs would race on one output
+    directory. Stop with the fix instead."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        from distillkit.errors import ConfigError
+
+        raise ConfigError(
+            f"launched {world} processes, but accelerate found no device for a distributed run "
+            f"(distributed type {accelerator.distributed_type.value}); on a machine without "
+            "GPUs set ACCELERATE_USE_CPU=1 in the environment (DDP over gloo; accelerate does "
+            "not run FSDP on a CPU)"
+        )
 
 
 def is_sharded(accelerator) -> bool:

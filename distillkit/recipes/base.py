@@ -25,9 +25,18 @@ class Batch:
     captions: list[str] | None
     generator: torch.Generator
     scratch: dict[str, Any] = field(default_factory=dict)  # shared by the roles of one step
+    # the same stream on every rank; set by the loop under FSDP only (see ``choice``)
+    shared: torch.Generator | None = None
 
     def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.randn(shape, generator=self.generator).to(device)
+
+    def choice(self, k: int) -> int:
+        """A random int in [0, k) for a choice that changes how many network calls run (few-step
+        backward simulation's stopping step). Under FSDP every call gathers parameters with the
+        other ranks, so every rank must choose the same: the loop then supplies ``shared``."""
+        gen = self.shared if self.shared is not None else self.generator
+        return int(torch.randint(k, (1,), generator=gen))
 
 
 class Recipe:

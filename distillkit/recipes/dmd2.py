@@ -106,7 +106,7 @@ class DMD2(Recipe):
         teacher, k = self.teacher, self.cfg.generator_steps
         n = len(batch.prompts)
         noise = batch.randn((n, *teacher.latent_shape()), teacher.device)
-        last = int(torch.randint(k, (1,), generator=batch.generator)) if k > 1 else 0
+        last = batch.choice(k) if k > 1 else 0
         with torch.set_grad_enabled(with_grad):
             return teacher.generate(self.roles["generator"], noise, cond, k, last, batch.generator)
 

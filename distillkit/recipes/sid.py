@@ -153,7 +153,7 @@ class SiD(Recipe):
         a random number of steps per draw, only the last with gradients)."""
         teacher, k = self.teacher, self.cfg.generator_steps
         noise = batch.randn((len(batch.prompts), *teacher.latent_shape()), teacher.device)
-        last = int(torch.randint(k, (1,), generator=batch.generator)) if k > 1 else 0
+        last = batch.choice(k) if k > 1 else 0
         with torch.set_grad_enabled(with_grad):
             return teacher.generate(self.roles["generator"], noise, cond, k, last, batch.generator)
 

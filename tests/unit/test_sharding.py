@@ -11,9 +11,9 @@ from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 from torch import nn
 
-from distillkit.engine.sharding import gather_trainable, load_trainable_state
+from distillkit.engine.sharding import _check_world, gather_trainable, load_trainable_state
 from distillkit.engine.state import load_trainable
-from distillkit.errors import DistillkitError
+from distillkit.errors import ConfigError, DistillkitError
 
 
 class FakeAccelerator:
@@ -72,3 +72,32 @@ def test_load_trainable_checks_names_then_uses_the_loader(tmp_path):
     )
     with pytest.raises(DistillkitError, match="lacks"):
         load_trainable(net, path)
+
+
+def test_a_multi_process_launch_that_accelerate_runs_as_single_processes_stops(monkeypatch):
+    class Single:
+        num_processes = 1
+        distributed_type = DistributedType.NO
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. an FSDP/GPU launch config on a CPU machine
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=1"):
+        _check_world(Single())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _check_world(Single())
+
+
+def test_structural_choices_follow_the_shared_stream_when_the_loop_gives_one():
+    from distillkit.engine.loop import SHARED_STREAM, step_generator
+    from distillkit.recipes.base import Batch
+
+    def batch(rank: int, shared: bool) -> Batch:
+        own = step_generator(0, 5, 0, rank, 0)  # the loop's per-rank stream
+        b = Batch(["a"], None, None, own)
+        if shared:
+            b.shared = step_generator(0, 5, 0, SHARED_STREAM, 0)
+        return b
+
+    # FSDP: every rank stops backward simulation at the same step (same number of gathers)
+    assert len({batch(rank, shared=True).choice(1000) for rank in range(4)}) == 1
+    # DDP / one process: the per-rank stream, as before
+    assert len({batch(rank, shared=False).choice(1000) for rank in range(4)}) > 1
