@@ -48,3 +48,17 @@ def tiny_adapter():
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def clip_weights(tmp_path_factory):
+    """A random-weight open_clip ViT-S-32-alt (the smallest plain architecture, 43 M parameters)
+    saved like a release file: no CLIP weights can be downloaded here."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32-alt", pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
