@@ -208,8 +208,8 @@ def student_jobs(family: str, args) -> list[dict]:
         recipe = config.stem[: -len(family) - 1]
         if args.recipes is not None and recipe not in args.recipes:
             continue
-        k = int(getattr(load_config(config).recipe, "generator_steps", 1))
-        jobs.append({"recipe": recipe, "config": config, "steps": sorted({1, k})})
+        load_config(config)  # a broken YAML fails here, before any training
+        jobs.append({"recipe": recipe, "config": config})  # steps: 1 and the export's own
     for item in args.student_pipeline:
         name, _, path = item.partition("=")
         jobs.append({"recipe": name, "pipeline": Path(path), "config": None})
