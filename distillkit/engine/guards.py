@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import torch
+import yaml
 
 from distillkit.config import RunConfig
 from distillkit.engine.optim import check_optimizer
@@ -58,6 +59,52 @@ def use_xformers(cfg: RunConfig) -> bool:
     if cfg.train.attention == "sdpa" or not torch.cuda.is_available():
         return False
     return xformers_importable()
+
+
+# what may change between a run and its resume: where and how long it runs, what it logs and
+# exports; anything else (recipe, teacher, student, data, optimiser) would splice two runs
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "logging.",
+    "export.",
+    "hub.",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.checkpoints_keep",
+)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resume_config(path: Path, cfg: RunConfig, smoke: bool) -> None:
+    """A resume continues the run in ``path`` only if it is the same run: its run.yaml must
+    match this config outside RESUMABLE_CHANGES (a changed recipe would otherwise silently
+    continue from weights trained under the old one)."""
+    run_file = path / "run.yaml"
+    if not run_file.is_file() or not CheckpointDir(path / "checkpoints", 1).candidates():
+        return
+    saved = yaml.safe_load(run_file.read_text()) or {}
+    old = _flatten({"smoke": saved.get("smoke", False), **(saved.get("config") or {})})
+    new = _flatten({"smoke": smoke, **cfg.model_dump(mode="json")})
+    changed = [
+        key
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise ConfigError(
+            f"output_dir: {path} holds checkpoints of a different run ({shown}{more}); "
+            "resume it with its own config, or choose another output_dir (or remove this one)"
+        )
 
 
 def prepare_output_dir(path: Path, resume: bool) -> None:

