@@ -245,7 +245,10 @@ def bare_replay(trainer, calls):
             else:
                 _, _, obj, method, args, kwargs, grad = call
                 fresh = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
-                side = hasattr(obj, "logits")  # APT's discriminator: heads' logits, not `out`
+                # APT's discriminator leaves its heads' logits in .logits and returns nothing
+                # useful; DMD2/SiD's FakeScore also has .logits (its optional GAN head) but its
+                # output is the score, which must be replayed with its backward
+                side = hasattr(obj, "logits") and hasattr(obj, "adapter")
                 if side:
                     obj.adapter = trainer.teacher  # as apt.discriminate sets it for a call
                 with torch.set_grad_enabled(grad):
