@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import psutil
 import yaml
+from bench_quality import git_commit  # evaluation/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("PERF_WORK", "/tmp/distillkit-perf"))
@@ -138,7 +139,6 @@ def validate(name: str, size: str, student: str, shared: bool) -> dict:
 def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     result: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -147,7 +147,7 @@ def main() -> int:
             "python": platform.python_version(),
             "load_avg_at_start": os.getloadavg(),
         },
-        "commit": commit.stdout.strip() or None,
+        "commit": git_commit(),  # -dirty when the measured code was not all committed
         "command": "make bench-perf",
         "setup": __doc__.split("\n\n")[1].strip(),
         "recipes": {},

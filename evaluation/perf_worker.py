@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from distillkit.cli import quiet_libraries
+from distillkit.recipes.apt import Discriminator
 
 MB = 2**20
 
@@ -245,10 +246,10 @@ def bare_replay(trainer, calls):
             else:
                 _, _, obj, method, args, kwargs, grad = call
                 fresh = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
-                # APT's discriminator leaves its heads' logits in .logits and returns nothing
-                # useful; DMD2/SiD's FakeScore also has .logits (its optional GAN head) but its
-                # output is the score, which must be replayed with its backward
-                side = hasattr(obj, "logits") and hasattr(obj, "adapter")
+                # APT's discriminator leaves its heads' logits in .logits; DMD2/SiD's FakeScore
+                # also has .logits (its optional GAN head) but returns the score, which must be
+                # replayed with its backward
+                side = isinstance(obj, Discriminator)
                 if side:
                     obj.adapter = trainer.teacher  # as apt.discriminate sets it for a call
                 with torch.set_grad_enabled(grad):
