@@ -148,8 +148,19 @@ class Trainer:
         optimizers = [
             build_optimizer(self.params[n], cfg, self.recipe.learning_rate(n)) for n in names
         ]
+        # by keyword (get_scheduler's third parameter is step_rules), counted in accelerate's
+        # units: a prepared scheduler steps num_processes times per call. diffusers' "constant"
+        # ignores warmup; lr_warmup_steps applies to every curve here.
+        kind = cfg.lr_scheduler
+        if kind == "constant" and cfg.lr_warmup_steps > 0:
+            kind = "constant_with_warmup"
         schedulers = [
-            get_scheduler(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.max_steps)
+            get_scheduler(
+                kind,
+                opt,
+                num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                num_training_steps=cfg.max_steps * acc.num_processes,
+            )
             for opt in optimizers
         ]
         # one prepare() per role: accelerate's FSDP2 takes one model (with its optimiser) per
@@ -295,8 +306,6 @@ class Trainer:
                 if grad_norm is not None:
                     logs[f"{role}/grad_norm"] = torch.as_tensor(grad_norm).detach()
                 opt.zero_grad(set_to_none=True)  # hold one role's gradients at a time
-                # stepped even when the update was skipped: the rate stays a function of the step
-                self.schedulers[role].step()
                 self.recipe.after_update(role, step, applied)
                 if role == self.recipe.generator_role and self.ema is not None:
                     ok = applied if applied is not None else torch.ones((), device=acc.device)
@@ -305,6 +314,10 @@ class Trainer:
             for params in self.params.values():
                 for p in params:
                     p.requires_grad_(True)
+            # every role's rate follows the loop step, also through skipped updates and for
+            # roles not scheduled this step (DMD2's generator updates every 5th step)
+            for sched in self.schedulers.values():
+                sched.step()
         if bad is not None:
             logs["_applied"] = 1.0 - bad  # _reduce leaves skipped steps out of the averages
             self.nonfinite.record(step, bad)
