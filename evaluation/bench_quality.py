@@ -340,6 +340,9 @@ def merge_results(parts: list[Path], out_dir: Path) -> dict:
         if merged is None:
             merged = {**result, "teachers": {}, "teacher_guidance_sweep": {}, "students": []}
             merged["command"] = result["command"] + " (families run side by side, then --merge)"
+            merged["commit_by_family"] = {}
+        # a family re-scored later keeps the commit it was measured at
+        merged["commit_by_family"].update(dict.fromkeys(result["teachers"], result["commit"]))
         merged["teachers"].update(result["teachers"])
         merged["teacher_guidance_sweep"].update(result["teacher_guidance_sweep"])
         merged["students"] += result["students"]
