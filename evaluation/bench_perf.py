@@ -11,6 +11,9 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
   real images (LCM, APT) are the digits set at 256 px. Real steps and bare replays alternate
   in one process (medians of 3). update_s: the step's clipping + optimiser + EMA time (fused
   AdamW; work a bare forward/backward does not do); overhead_ratio_without_update leaves it out.
+- PERF_ACCUMULATION=N (default 1) measures the recipes with train.grad_accumulation=N into
+  "recipes_grad_accumulation_N" instead of "recipes": one update per N micro-batches, as the
+  shipped recipes amortise it (per-device batch 8-32 at 512 px, SiD 128 micro-batches).
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
 Writes evaluation/results/perf.json. Each measurement runs in a fresh process (perf_worker.py).
 """
@@ -156,19 +159,23 @@ def main() -> int:
         (recipe, "full") for recipe in ("sid", "swiftbrush", "lcm", "apt")
     ]
     only = os.environ.get("PERF_RECIPES")  # e.g. PERF_RECIPES=lcm,apt: re-measure only those
+    accumulation = int(os.environ.get("PERF_ACCUMULATION", "1"))
+    recipes_key = "recipes" if accumulation == 1 else f"recipes_grad_accumulation_{accumulation}"
+    if accumulation > 1:
+        result[recipes_key] = result.pop("recipes")
     for recipe, student in runs:
         if only and recipe not in only.split(","):
             continue
-        name = f"{recipe}_sd15_mid_{student}"
-        enable_export = (recipe, student) == ("dmd2", "full")
-        path = run_config(name, "mid", student, recipe=recipe)
+        name = f"{recipe}_sd15_mid_{student}" + (f"_acc{accumulation}" if accumulation > 1 else "")
+        enable_export = (recipe, student) == ("dmd2", "full") and accumulation == 1
+        path = run_config(name, "mid", student, recipe=recipe, grad_accumulation=accumulation)
         if enable_export:  # the latency measurement needs this run's exported pipeline
             data = yaml.safe_load(path.read_text())
             data["export"] = {"enabled": True, "verify": True}
             path.write_text(yaml.safe_dump(data))
         got = worker("speed", str(path))
         key = recipe if student == "full" else f"{recipe}_{student}"
-        result["recipes"][key] = {
+        result[recipes_key][key] = {
             "overhead_ratio": round(got["step_s"] / got["bare_s"], 3),
             "steps_per_s": round(1 / got["step_s"], 3),
             "step_s": round(got["step_s"], 3),
@@ -178,14 +185,16 @@ def main() -> int:
             "overhead_ratio_without_update": round(
                 (got["step_s"] - got["update_s"]) / got["bare_s"], 3
             ),
-            "config": f"mid SD1.5 UNet, {student} student, run {name}",
+            "config": f"mid SD1.5 UNet, {student} student, grad_accumulation {accumulation}, "
+            f"run {name}",
             "bare_passes": got["passes_per_step"],
         }
-        print(key, json.dumps(result["recipes"][key]), flush=True)
-    if only:  # partial re-run: merge these recipes into the committed file, measure nothing else
+        print(key, json.dumps(result[recipes_key][key]), flush=True)
+    if only or accumulation > 1:  # merge these rows into the committed file, measure no more
         merged = json.loads(OUT.read_text()) if OUT.is_file() else {}
-        merged.setdefault("recipes", {}).update(result["recipes"])
-        merged["recipes_rerun"] = {"commit": result["commit"], "recipes": only.split(",")}
+        merged.setdefault(recipes_key, {}).update(result[recipes_key])
+        rerun = {"commit": result["commit"], "recipes": (only or "all").split(",")}
+        merged[f"{recipes_key}_rerun"] = {**rerun, "load_avg_at_start": os.getloadavg()}
         OUT.write_text(json.dumps(merged, indent=1) + "\n")
         return 0
     result["export_latency"] = worker(
