@@ -139,7 +139,29 @@ def validate(name: str, size: str, student: str, shared: bool) -> dict:
     }
 
 
+def teacher_footprint(shared_mb: float) -> dict:
+    """Adapter-shared DMD2 LoRA training vs the teacher alone at inference (same run config)."""
+    got = worker("teacher", str(run_config("mem_real_lora_shared", "real", "lora", True)))
+    return {
+        "teacher_inference_mb": round(got["delta_mb"]),
+        "shared_training_mb": round(shared_mb),
+        "ratio": round(shared_mb / got["delta_mb"], 3),
+        "note": "peak-RSS growth from process start: real-size SD1.5 UNet teacher, one guided "
+        "call at 32x32 latents, vs DMD2 LoRA generator + fake score on student.shared_base",
+    }
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--teacher-footprint"]:  # only this figure, merged into perf.json
+        merged = json.loads(OUT.read_text())
+        shared = next(v for v in merged["plan_validation"] if "adapter-shared" in v["config"])
+        merged["adapter_shared_vs_teacher_inference"] = {
+            **teacher_footprint(shared["measured_mb"]),
+            "commit": git_commit(),
+        }
+        OUT.write_text(json.dumps(merged, indent=1) + "\n")
+        print(json.dumps(merged["adapter_shared_vs_teacher_inference"]))
+        return 0
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result: dict = {
@@ -208,6 +230,7 @@ def main() -> int:
         validate("mem_mid_full", "mid", "full", False),
     ]
     shared = result["plan_validation"][0]
+    result["adapter_shared_vs_teacher_inference"] = teacher_footprint(shared["measured_mb"])
     if psutil.virtual_memory().available > 14 * 2**30:
         copies = validate("mem_real_lora_copies", "real", "lora", False)
         result["plan_validation"].append(copies)

@@ -4,6 +4,7 @@
     python evaluation/perf_worker.py speed RUN.yaml    -> step times: Trainer vs bare passes
         (the bare passes are recorded from real steps, then replayed)
     python evaluation/perf_worker.py latency RUN_DIR TEACHER_DIR -> export vs teacher latency
+    python evaluation/perf_worker.py teacher RUN.yaml  -> teacher-only inference peak RSS
 
 Why a worker: ru_maxrss only grows, so each configuration needs its own process; and the
 Trainer is driven in-process with checkpoint writes switched off, since serialising a
@@ -48,6 +49,23 @@ def memory(config: str) -> dict:
     baseline = psutil.Process().memory_info().rss
     trainer = _trainer(config)
     trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"baseline_mb": baseline / MB, "peak_mb": peak / MB, "delta_mb": (peak - baseline) / MB}
+
+
+def teacher_inference(config: str) -> dict:
+    """The teacher-only inference footprint in memory()'s accounting: the run's teacher loaded,
+    one guided denoiser call (batch 2: CFG) at the run's latent size, no training."""
+    from distillkit.config import load_config
+    from distillkit.teachers.load import load_teacher
+
+    baseline = psutil.Process().memory_info().rss
+    cfg = load_config(config)
+    teacher = load_teacher(cfg.teacher, torch.device("cpu"))
+    cond = teacher.encode(["a photo of a cat"])
+    x = torch.randn(1, *teacher.latent_shape())
+    with torch.no_grad():
+        teacher.predict(teacher.denoiser, x, torch.full((1,), 500.0), cond, 7.5)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"baseline_mb": baseline / MB, "peak_mb": peak / MB, "delta_mb": (peak - baseline) / MB}
 
@@ -331,6 +349,12 @@ if __name__ == "__main__":
     quiet_libraries()
     torch.set_num_threads(int(os.environ.get("PERF_THREADS", "2")))
     kind, *rest = sys.argv[1:]
-    modes = {"memory": memory, "speed": speed, "latency": latency, "activations": activations}
+    modes = {
+        "memory": memory,
+        "speed": speed,
+        "latency": latency,
+        "activations": activations,
+        "teacher": teacher_inference,
+    }
     result = modes[kind](*rest)
     print("PERF " + json.dumps(result))
