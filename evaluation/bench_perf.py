@@ -15,6 +15,8 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
   "recipes_grad_accumulation_N" instead of "recipes": one update per N micro-batches, as the
   shipped recipes amortise it (per-device batch 8-32 at 512 px, SiD 128 micro-batches).
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
+- adapter_shared_vs_teacher_inference: the adapter-shared DMD2 LoRA run's peak vs the teacher
+  alone making one guided call; `bench_perf.py --teacher-footprint` measures only that.
 Writes evaluation/results/perf.json. Each measurement runs in a fresh process (perf_worker.py).
 """
 
