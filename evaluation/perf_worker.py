@@ -136,7 +136,7 @@ def _time_updates(trainer) -> dict[str, float]:
 
     for opt in trainer.optimizers.values():
         wrap(opt, "step", "optimizer")
-    wrap(trainer.accelerator, "clip_grad_norm_", "clip")
+    wrap(trainer, "_clip", "clip")  # the grad norm, and the clip itself where not folded
     if trainer.ema is not None:
         wrap(trainer.ema, "step_masked", "ema")
     wrap(trainer.recipe, "after_update", "after_update")

@@ -40,7 +40,13 @@ from distillkit.engine.guards import (
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker
-from distillkit.engine.optim import build_optimizer, inner_optimizer, takes_found_inf
+from distillkit.engine.optim import (
+    build_optimizer,
+    clip_divisor,
+    folds_clipping,
+    inner_optimizer,
+    takes_found_inf,
+)
 from distillkit.engine.sharding import (
     gather_full,
     gather_tensors,
@@ -283,17 +289,20 @@ class Trainer:
                         acc.backward(loss / len(micro))
                     for key, value in {"loss": loss.detach(), **parts}.items():
                         logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
-                grad_norm = self._clip(role)
+                folded = folds_clipping(acc, opt)
+                grad_norm = self._clip(role, folded)
                 applied = None
                 if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
                     nonfinite = (~torch.isfinite(grad_norm.detach())).float()
                     bad = nonfinite if bad is None else torch.maximum(bad, nonfinite)
                     inner = inner_optimizer(opt)
                     inner.found_inf = bad
+                    if folded:  # the step divides the gradients by the clip divisor as it reads
+                        inner.grad_scale = clip_divisor(grad_norm.detach(), cfg.max_grad_norm)
                     try:
                         opt.step()
                     finally:
-                        inner.found_inf = None
+                        inner.found_inf = inner.grad_scale = None
                     applied = 1.0 - bad
                 # The host-sync fallback, one sync per update: bitsandbytes' 8-bit AdamW never
                 # reads found_inf, non-fused torch optimisers refuse it, and under fp16 the
@@ -323,8 +332,12 @@ class Trainer:
             self.nonfinite.record(step, bad)
         return logs
 
-    def _clip(self, role: str) -> torch.Tensor | float | None:
+    def _clip(self, role: str, folded: bool = False) -> torch.Tensor | float | None:
+        """The role's total gradient norm; its gradients clipped to train.max_grad_norm, unless
+        ``folded``: then the optimiser step applies the clip (optim.folds_clipping)."""
         acc, params, max_norm = self.accelerator, self.params[role], self.cfg.train.max_grad_norm
+        if folded:
+            return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not is_sharded(acc):
             return acc.clip_grad_norm_(params, max_norm)
         # accelerate's FSDP branch looks for the role's model by comparing parameter lists with

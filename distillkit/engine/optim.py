@@ -104,3 +104,25 @@ def takes_found_inf(opt) -> bool:
     return isinstance(inner, torch.optim.Adam) and all(
         g.get("fused") and not g.get("differentiable") for g in inner.param_groups
     )
+
+
+# accelerate clips these itself (sharded gradients, DeepSpeed's engine, XLA): never folded
+_OWN_CLIPPING = ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM")
+
+
+def folds_clipping(accelerator, opt) -> bool:
+    """Whether gradient clipping can ride on the fused AdamW step as its ``grad_scale``.
+
+    Why: clipping multiplies every gradient in place, one more read and write of all of them per
+    update, memory-bound work as large as a third of the optimiser step itself. Fused Adam(W)
+    divides each gradient by ``grad_scale`` as it reads it (the AMP unscale hook), so passing the
+    clip divisor there gives the same update without that pass. Only where accelerate's own
+    clip would be plain torch clipping of whole local gradients (DDP has all-reduced them already)
+    and no GradScaler owns ``grad_scale``.
+    """
+    return accelerator.distributed_type.name not in _OWN_CLIPPING and takes_found_inf(opt)
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """1 / torch's clip coefficient: gradients / this == clip_grad_norm_'s clipped gradients."""
+    return ((total_norm + 1e-6) / max_norm).clamp_min(1.0)
