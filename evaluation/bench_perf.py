@@ -6,14 +6,16 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
 - overhead_ratio = Trainer step time / the bare forward+backward passes that step needs (same
   process, networks and shapes): every network call of real steps is recorded, then replayed
   bare with one backward per role update (perf_worker.record_passes). Every recipe with its
-  shipped sd15 recipe section and EMA, full student, batch 1, fp32, no checkpointing; DMD2 with
-  fake_updates_per_generator=1 (and APT with one discriminator update) so a step has both roles;
-  real images (LCM, APT) are the digits set at 256 px. Real steps and bare replays alternate
-  in one process (medians of 3). update_s: the step's clipping + optimiser + EMA time (fused
-  AdamW; work a bare forward/backward does not do); overhead_ratio_without_update leaves it out.
-- PERF_ACCUMULATION=N (default 1) measures the recipes with train.grad_accumulation=N into
-  "recipes_grad_accumulation_N" instead of "recipes": one update per N micro-batches, as the
-  shipped recipes amortise it (per-device batch 8-32 at 512 px, SiD 128 micro-batches).
+  shipped sd15 recipe section and EMA, full student, per-device batch 4, fp32, no
+  checkpointing; DMD2 with fake_updates_per_generator=1 (and APT with one discriminator update)
+  so a step has both roles; real images (LCM, APT) are the digits set at 256 px. Real steps and
+  bare replays alternate in one process (medians of 5). update_s: the step's grad norm +
+  optimiser + EMA time (fused AdamW, clip folded in; work a bare forward/backward does not do);
+  overhead_ratio_without_update leaves it out.
+- Batch 4 because the update's cost is fixed per step while the passes grow with batch and
+  resolution: the shipped recipes run 2-32 per device at 512-1024 px (8-256x these passes per
+  update). PERF_BATCH=B / PERF_ACCUMULATION=N measure other settings into "recipes_batch_B" /
+  "recipes_batch_B_grad_accumulation_N" (batch 1: the update alone is ~10% of the passes).
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
 - adapter_shared_vs_teacher_inference: the adapter-shared DMD2 LoRA run's peak vs the teacher
   alone making one guided call; `bench_perf.py --teacher-footprint` measures only that.
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("PERF_WORK", "/tmp/distillkit-perf"))
 OUT = ROOT / "evaluation" / "results" / "perf.json"
 UNETS = {"mid": (128, 256, 512, 512), "real": (320, 640, 1280, 1280)}
+HEADLINE_BATCH = 4  # per-device batch of the "recipes" rows (docstring)
 PROMPTS = ["a photo of a cat", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]
 
 
@@ -183,16 +186,22 @@ def main() -> int:
         (recipe, "full") for recipe in ("sid", "swiftbrush", "lcm", "apt")
     ]
     only = os.environ.get("PERF_RECIPES")  # e.g. PERF_RECIPES=lcm,apt: re-measure only those
+    batch = int(os.environ.get("PERF_BATCH", str(HEADLINE_BATCH)))
     accumulation = int(os.environ.get("PERF_ACCUMULATION", "1"))
-    recipes_key = "recipes" if accumulation == 1 else f"recipes_grad_accumulation_{accumulation}"
-    if accumulation > 1:
-        result[recipes_key] = result.pop("recipes")
+    headline = (batch, accumulation) == (HEADLINE_BATCH, 1)
+    recipes_key = "recipes" if headline else f"recipes_batch_{batch}"
+    recipes_key += f"_grad_accumulation_{accumulation}" if accumulation > 1 else ""
+    result[recipes_key] = result.pop("recipes")
     for recipe, student in runs:
         if only and recipe not in only.split(","):
             continue
-        name = f"{recipe}_sd15_mid_{student}" + (f"_acc{accumulation}" if accumulation > 1 else "")
-        enable_export = (recipe, student) == ("dmd2", "full") and accumulation == 1
-        path = run_config(name, "mid", student, recipe=recipe, grad_accumulation=accumulation)
+        name = f"{recipe}_sd15_mid_{student}_b{batch}" + (
+            f"_acc{accumulation}" if accumulation > 1 else ""
+        )
+        enable_export = (recipe, student) == ("dmd2", "full") and headline
+        path = run_config(
+            name, "mid", student, recipe=recipe, batch_size=batch, grad_accumulation=accumulation
+        )
         if enable_export:  # the latency measurement needs this run's exported pipeline
             data = yaml.safe_load(path.read_text())
             data["export"] = {"enabled": True, "verify": True}
@@ -209,12 +218,12 @@ def main() -> int:
             "overhead_ratio_without_update": round(
                 (got["step_s"] - got["update_s"]) / got["bare_s"], 3
             ),
-            "config": f"mid SD1.5 UNet, {student} student, grad_accumulation {accumulation}, "
-            f"run {name}",
+            "config": f"mid SD1.5 UNet, {student} student, batch {batch}, "
+            f"grad_accumulation {accumulation}, run {name}",
             "bare_passes": got["passes_per_step"],
         }
         print(key, json.dumps(result[recipes_key][key]), flush=True)
-    if only or accumulation > 1:  # merge these rows into the committed file, measure no more
+    if only or not headline:  # merge these rows into the committed file, measure no more
         merged = json.loads(OUT.read_text()) if OUT.is_file() else {}
         merged.setdefault(recipes_key, {}).update(result[recipes_key])
         rerun = {"commit": result["commit"], "recipes": (only or "all").split(",")}
@@ -222,7 +231,7 @@ def main() -> int:
         OUT.write_text(json.dumps(merged, indent=1) + "\n")
         return 0
     result["export_latency"] = worker(
-        "latency", str(WORK / "runs" / "dmd2_sd15_mid_full"), str(teacher_dir("mid"))
+        "latency", str(WORK / "runs" / f"dmd2_sd15_mid_full_b{batch}"), str(teacher_dir("mid"))
     )
     result["activation_calibration"] = [
         worker("activations", "lora", str(lat), ck) for ck in ("off", "on") for lat in (16, 32)
@@ -247,6 +256,9 @@ def main() -> int:
         result["adapter_shared_memory_ratio"] = None
         result["adapter_shared_note"] = "skipped: less than 14 GiB free for the copies run"
     result["seconds"] = round(time.time() - started)
+    if OUT.is_file():  # other settings' rows are measured by their own runs (and commits): kept
+        kept = json.loads(OUT.read_text())
+        result.update({k: v for k, v in kept.items() if k.startswith("recipes_batch_")})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

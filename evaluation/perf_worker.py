@@ -79,7 +79,7 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def speed(config: str, windows: int = 2, every: int = 2, rounds: int = 3) -> dict:
+def speed(config: str, windows: int = 2, every: int = 2, rounds: int = 5) -> dict:
     """Trainer steps vs the bare passes the same steps need, measured interleaved.
 
     ``train()`` runs ``windows`` logging windows first (warm-up: lazy optimiser state, caches,
