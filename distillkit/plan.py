@@ -147,9 +147,18 @@ def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int 
     t_bytes = 2 if (cuda and cfg.teacher.dtype in ("auto", "bf16", "fp16")) else 4
     plan = Plan()
     frozen = {k: count_params(v) for k, v in dirs.items() if k != name}
-    teacher = p_den + sum(frozen.values())
-    parts = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in {name: p_den, **frozen}.items())
+    # with an encoding cache the text encoders leave the GPU (TeacherAdapter.use_precomputed);
+    # the VAE stays counted whole (its decoder stays; the encoder is the smaller half)
+    offloaded = {k: v for k, v in frozen.items() if k.startswith("text_encoder")}
+    if not (cuda and cfg.data.cache_dir):
+        offloaded = {}
+    on_device = {name: p_den, **{k: v for k, v in frozen.items() if k not in offloaded}}
+    parts = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in on_device.items())
+    teacher = sum(on_device.values())
     plan.rows.append((f"teacher, frozen ({t_bytes * 8}-bit): {parts}", teacher * t_bytes))
+    if offloaded:
+        parts = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in offloaded.items())
+        plan.rows.append((f"on the CPU (data.cache_dir): {parts}", 0))
     roles = _roles(cfg, dirs, p_den)
     n = max(gpus, 1)
     split = {k: (n if k in SHARDED[sharding] else 1) for k in "wgo"}
@@ -238,6 +247,10 @@ def lever_configs(cfg, sharding: str) -> list[tuple[str, object, str, int]]:
     if cfg.train.optimizer == "adamw":
         out.append(("8-bit AdamW (train.optimizer=adamw8bit)", {"train__optimizer": "adamw8bit"}))
         everything["train__optimizer"] = "adamw8bit"
+    if not cfg.data.cache_dir:
+        cache = {"data__cache_dir": "encodings"}
+        out.append(("text encoders off the GPU (data.cache_dir=DIR)", cache))
+        everything.update(cache)
     rows = [(label, _with(cfg, **ch), sharding, 1) for label, ch in out]
     if sharding == "none":
         rows.append(("FSDP over 8 GPUs (recipes/accelerate/fsdp_*.yaml)", cfg, "fsdp", 8))

@@ -33,6 +33,8 @@ class TrainData:
     prompts: list[str]
     images: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1]
     captions: list[str] | None = None
+    # (N, C, h, w): the images' VAE latents, once an encoding cache (data.cache_dir) holds them
+    latents: torch.Tensor | None = None
 
     def _order(self, n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         if not shuffle:
@@ -47,15 +49,17 @@ class TrainData:
         return out
 
     def batch(self, slot: int, size: int, seed: int, shuffle: bool = True):
-        """Samples for global slot ``slot`` (= step * accum * world + micro * world + rank)."""
+        """Samples for global slot ``slot`` (= step * accum * world + micro * world + rank):
+        (prompts, images, captions, latents of those images or None)."""
         start = slot * size
         prompts = [
             self.prompts[i] for i in self._take(len(self.prompts), start, size, seed, shuffle)
         ]
         if self.images is None:
-            return prompts, None, None
+            return prompts, None, None, None
         idx = self._take(len(self.images), start, size, seed + 1, shuffle)
-        return prompts, self.images[idx], [self.captions[i] for i in idx]
+        latents = None if self.latents is None else self.latents[idx]
+        return prompts, self.images[idx], [self.captions[i] for i in idx], latents
 
 
 def read_prompts(path: Path, column: str) -> list[str]:

@@ -109,6 +109,7 @@ class Trainer:
                 key = TeacherKey.from_config(cfg.teacher, smoke)
                 encodings = precompute_cache(self.teacher, self.data, cfg.data.cache_dir, key)
             self.teacher.use_precomputed(encodings.to(accelerator.device))
+            self.data.latents = encodings.latents
         self.recipe: Recipe = recipe_class(cfg, self.teacher)
         if use_xformers(cfg):
             self.teacher.denoiser.enable_xformers_memory_efficient_attention()
@@ -275,9 +276,9 @@ class Trainer:
                         p.requires_grad_(name == role)
                 module, opt = self.recipe.roles[role], self.optimizers[role]
                 opt.zero_grad(set_to_none=True)
-                for m, (prompts, images, captions) in enumerate(micro):
+                for m, (prompts, images, captions, latents) in enumerate(micro):
                     gen = step_generator(cfg.seed, step, m, acc.process_index, role_index)
-                    batch = Batch(prompts, images, captions, gen, scratch[m])
+                    batch = Batch(prompts, images, captions, gen, scratch[m], latents=latents)
                     if sharded:  # rank-free stream: all ranks make the same structural choices
                         batch.shared = step_generator(cfg.seed, step, m, SHARED_STREAM, role_index)
                     sync = m == len(micro) - 1

@@ -244,7 +244,7 @@ class APT(Recipe):
         if fake is None:
             fake = self._generate(batch, cond, with_grad=False)
         fake_t = teacher.add_noise(fake, batch.randn(fake.shape, fake.device), t)
-        real = teacher.encode_images(batch.images)
+        real = batch.real_latents(teacher)
         real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
         # the approximated R1 moves only the discriminator's input, by sigma n (same t, eps)
         nudged = real_t + cfg.r1_sigma * batch.randn(real_t.shape, real_t.device)

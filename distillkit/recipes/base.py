@@ -27,6 +27,14 @@ class Batch:
     scratch: dict[str, Any] = field(default_factory=dict)  # shared by the roles of one step
     # the same stream on every rank; set by the loop under FSDP only (see ``choice``)
     shared: torch.Generator | None = None
+    latents: Tensor | None = None  # the images' cached VAE latents (data.cache_dir), if any
+
+    def real_latents(self, teacher: TeacherAdapter) -> Tensor:
+        """The real images in the denoiser's latent space: from the encoding cache when the run
+        has one (the VAE encoder then stays off the device), else VAE-encoded now."""
+        if self.latents is not None:
+            return self.latents
+        return teacher.encode_images(self.images)
 
     def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.randn(shape, generator=self.generator).to(device)

@@ -150,7 +150,7 @@ class DMD2(Recipe):
             return loss, {"denoise": loss.detach()}
         out, fake_logits = predict_with_features(teacher, fake, x_t, t, cond)
         dsm = denoising_loss(out, target)
-        real = teacher.encode_images(batch.images)
+        real = batch.real_latents(teacher)
         real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
         real_cond = teacher.encode(batch.captions)
         _, real_logits = predict_with_features(teacher, fake, real_t, t, real_cond)

@@ -165,7 +165,7 @@ class LCM(Recipe):
         teacher, cfg = self.teacher, self.cfg
         if cfg.latents == "dataset":
             cond = teacher.encode(batch.captions)
-            x0 = teacher.encode_images(batch.images)
+            x0 = batch.real_latents(teacher)
         else:
             cond = teacher.encode(batch.prompts)
             x0 = self._teacher_latents(cond, batch)

@@ -219,7 +219,7 @@ class SiD(Recipe):
         out, fake_logits = predict_with_features(teacher, fake, x_t, t, f_cond)
         pred = out if k_train in (None, 1) else teacher.predict(fake, x_t, t, f_cond, k_train)
         dsm = denoising_loss(pred, target)
-        real = teacher.encode_images(batch.images)
+        real = batch.real_latents(teacher)
         real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
         real_cond = teacher.encode(batch.captions)
         if k_train is None:

@@ -96,6 +96,7 @@ class TeacherAdapter:
         self.pipe = pipe
         self.resolution = resolution
         self.device = device
+        self.text_device = device  # where the text encoders run (the CPU once offloaded)
         self.start_timestep: int | None = None  # see use_start_timestep
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
@@ -189,13 +190,21 @@ class TeacherAdapter:
         return int(self.denoiser.config.in_channels)
 
     def use_precomputed(self, encodings) -> None:
-        """Answer ``encode`` from precomputed embeddings (distillkit.data.cache); on a GPU the
-        text encoders then move to the CPU, since training no longer needs them there."""
+        """Answer ``encode`` from precomputed embeddings (distillkit.data.cache). On an
+        accelerator the text encoders then move to the CPU (they still answer the few prompts the
+        cache lacks: sample grids, the export check), and so does the VAE encoder when the cache
+        holds the images' latents (recipes read them through ``Batch.real_latents``)."""
         self._precomputed = encodings
-        if self.device.type == "cuda":
-            for name, module in self.pipe.components.items():
-                if name.startswith("text_encoder") and isinstance(module, nn.Module):
-                    module.to("cpu")
+        if self.device.type == "cpu":
+            return
+        offload = [m for n, m in self.pipe.components.items() if n.startswith("text_encoder")]
+        self.text_device = torch.device("cpu")
+        vae = self.pipe.vae
+        if encodings.latents is not None:  # the decoder stays: sample grids, CLIP terms
+            offload += [getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)]
+        for module in offload:
+            if isinstance(module, nn.Module):
+                module.to("cpu")
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -206,8 +215,11 @@ class TeacherAdapter:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             # outside autocast: cached embeddings must equal what the exported pipeline computes
-            with torch.autocast(self.device.type, enabled=False):
+            with torch.autocast(self.text_device.type, enabled=False):
                 cond, uncond = self.encode_prompts(missing)
+            if self.text_device != self.device:
+                move = lambda t: t.to(self.device)  # noqa: E731
+                cond, uncond = tree_map(move, cond), tree_map(move, uncond)
             for i, prompt in enumerate(missing):
                 pick = lambda t, i=i: t[i : i + 1].detach()  # noqa: E731
                 self._cache[prompt] = (tree_map(pick, cond), tree_map(pick, uncond))

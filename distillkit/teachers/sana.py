@@ -33,7 +33,7 @@ class SanaAdapter(TeacherAdapter):
             prompts,
             do_classifier_free_guidance=True,
             negative_prompt="",
-            device=self.device,
+            device=self.text_device,
             max_sequence_length=self._call_default("max_sequence_length"),
             complex_human_instruction=self._call_default("complex_human_instruction"),
         )

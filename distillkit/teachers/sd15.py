@@ -76,7 +76,7 @@ class SD15Adapter(UNetAdapterMixin, TeacherAdapter):
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
         embeds, negative = self.pipe.encode_prompt(
-            prompts, self.device, 1, True, negative_prompt=[""] * len(prompts)
+            prompts, self.text_device, 1, True, negative_prompt=[""] * len(prompts)
         )
         return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}
 

@@ -24,7 +24,10 @@ class SDXLAdapter(UNetAdapterMixin, TeacherAdapter):
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+            prompts,
+            device=self.text_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
         )
         time_ids = self._time_ids(len(prompts), int(pooled.shape[-1]))
         cond = {

@@ -146,4 +146,9 @@ def test_embedding_cache_gives_the_same_run(tmp_path):
         rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(r).items() if "loss" in k} for r in rows]
 
-    assert losses("plain") == losses("cached")
+    # the cached latents were VAE-encoded 32 images at a time, the plain run's per micro-batch:
+    # the same numbers up to float rounding of batched convolutions
+    plain, cached = losses("plain"), losses("cached")
+    assert [sorted(r) for r in plain] == [sorted(r) for r in cached] and plain
+    for a, b in zip(plain, cached):
+        assert b == pytest.approx(a, rel=1e-4)

@@ -65,7 +65,7 @@ def test_each_rank_gets_its_own_share_of_the_batch(two_rank_run):
     # together the ranks see exactly one process's batch of WORLD samples, in rank order
     data = digits_data(SMOKE_RESOLUTION)  # --smoke GAN runs train on the digits set
     for step in range(STEPS):
-        expected, _, _ = data.batch(step, WORLD, seed=0, shuffle=True)
+        expected, _, _, _ = data.batch(step, WORLD, seed=0, shuffle=True)
         got = [p for s in seen for micro in s["prompts"][str(step)] for p in micro]
         assert got == expected, f"step {step}"
 

@@ -69,3 +69,12 @@ def test_levers_reduce_memory_in_the_expected_directions():
     # 8-bit moments: 6 bytes less per trained parameter (two full UNets here)
     saved = base - plan_memory(adam8).total
     assert saved == pytest.approx(6 * 2 * 2_567_463_684 / GIB * GIB, rel=0.01)
+
+
+def test_encoding_cache_takes_the_text_encoders_off_the_gpu():
+    plain = load_config(REPO / "recipes" / "dmd2_sdxl.yaml")
+    cached = load_config(REPO / "recipes" / "dmd2_sdxl.yaml", ["data.cache_dir=/tmp/enc"])
+    text = sum(count_params(CONFIGS / "sdxl_base" / f) for f in ("text_encoder", "text_encoder_2"))
+    saved = plan_memory(plain).total - plan_memory(cached).total
+    assert saved == pytest.approx(text * 2, rel=1e-6)  # bf16 teacher weights on a GPU
+    assert plan_memory(cached, device="cpu").total == plan_memory(plain, device="cpu").total
