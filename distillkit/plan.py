@@ -149,9 +149,8 @@ def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int 
     frozen = {k: count_params(v) for k, v in dirs.items() if k != name}
     # with an encoding cache the text encoders leave the GPU (TeacherAdapter.use_precomputed);
     # the VAE stays counted whole (its decoder stays; the encoder is the smaller half)
-    offloaded = {k: v for k, v in frozen.items() if k.startswith("text_encoder")}
-    if not (cuda and cfg.data.cache_dir):
-        offloaded = {}
+    offload = cuda and bool(cfg.data.cache_dir)
+    offloaded = {k: v for k, v in frozen.items() if offload and k.startswith("text_encoder")}
     on_device = {name: p_den, **{k: v for k, v in frozen.items() if k not in offloaded}}
     parts = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in on_device.items())
     teacher = sum(on_device.values())

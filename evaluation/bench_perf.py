@@ -15,7 +15,7 @@ CPU only, random weights, SD1.5 architecture at 256 px (32x32 latents):
 - Batch 4 because the update's cost is fixed per step while the passes grow with batch and
   resolution: the shipped recipes run 2-32 per device at 512-1024 px (8-256x these passes per
   update). PERF_BATCH=B / PERF_ACCUMULATION=N measure other settings into "recipes_batch_B" /
-  "recipes_batch_B_grad_accumulation_N" (batch 1: the update alone is ~10% of the passes).
+  "recipes_batch_B_grad_accumulation_N" (batch 1: the update alone is 10-16 % of the passes).
 - plan_validation: peak RSS growth of one real Trainer step vs plan_memory(device="cpu").
 - adapter_shared_vs_teacher_inference: the adapter-shared DMD2 LoRA run's peak vs the teacher
   alone making one guided call; `bench_perf.py --teacher-footprint` measures only that.
