@@ -7,6 +7,7 @@ echoing the user's token. Network access happens only in `push_output`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -47,6 +48,18 @@ class CardInfo:
     sample_grid: str | None = None  # relative path of a PNG inside the pipeline dir
     has_lora: bool = False  # ../lora/pytorch_lora_weights.safetensors exists alongside
     repo_id: str | None = None  # where it will be pushed; makes the usage snippet copy-paste ready
+    # per shipped step count, the call arguments beyond steps and guidance (SANA's few-step
+    # sigmas), as the export's distillkit.json gives them
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _extra_args(info: CardInfo, steps: int) -> str:
+    extra = {
+        k: v
+        for k, v in info.calls.get(str(steps), {}).items()
+        if k not in ("num_inference_steps", "guidance_scale")
+    }
+    return "".join(f", {k}={v!r}" for k, v in extra.items())
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -98,7 +111,8 @@ def _usage(info: CardInfo) -> str:
     call = (
         f'image = pipe("a photo of an astronaut riding a horse", '
         f"num_inference_steps={info.num_inference_steps}, "
-        f"guidance_scale={float(info.guidance_scale)!r}).images[0]"
+        f"guidance_scale={float(info.guidance_scale)!r}"
+        f"{_extra_args(info, info.num_inference_steps)}).images[0]"
     )
     lines = [
         "```python",
@@ -127,6 +141,15 @@ def _usage(info: CardInfo) -> str:
     return "\n".join([*lines, "```"])
 
 
+def _other_calls(info: CardInfo) -> str:
+    """The other step counts the export was checked at, with their arguments."""
+    others = sorted(int(k) for k in info.calls if int(k) != info.num_inference_steps)
+    if not others:
+        return ""
+    said = "; ".join(f"`num_inference_steps={k}{_extra_args(info, k)}`" for k in others)
+    return f". It also samples the grid it was trained on with {said}"
+
+
 def render_model_card(info: CardInfo) -> str:
     """README.md text: Hub metadata (YAML front matter), then how it was made and how to call it."""
     teacher = _teacher_ref(info)
@@ -152,7 +175,9 @@ def render_model_card(info: CardInfo) -> str:
         f"The student was {student}. The stored scheduler is `{info.scheduler}`, set up for "
         f"{n_steps} sampling; call it with `num_inference_steps={steps}` and "
         f"`guidance_scale={float(info.guidance_scale)!r}` "
-        "(guidance is distilled into the student, so classifier-free guidance is not needed).",
+        "(guidance is distilled into the student, so classifier-free guidance is not needed)"
+        + _other_calls(info)
+        + ".",
         "## How to use",
         _usage(info),
     ]
@@ -192,6 +217,9 @@ def write_model_card(pipeline_dir: Path, info: CardInfo) -> Path:
         raise FileNotFoundError(f"pipeline directory not found: {pipeline_dir}")
     if info.sample_grid and not (pipeline_dir / info.sample_grid).is_file():
         raise FileNotFoundError(f"sample grid not found: {pipeline_dir / info.sample_grid}")
+    meta = pipeline_dir / "distillkit.json"  # export.EXPORT_META: the shipped call arguments
+    if meta.is_file() and not info.calls:
+        info.calls = json.loads(meta.read_text()).get("calls", {})
     path = pipeline_dir / "README.md"
     path.write_text(render_model_card(info), encoding="utf-8", newline="\n")
     return path

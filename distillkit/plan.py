@@ -144,7 +144,8 @@ def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int 
     name = next(d for d in DENOISERS if d in dirs)
     p_den = count_params(dirs[name])
     cuda = device == "cuda"
-    t_bytes = 2 if (cuda and cfg.teacher.dtype in ("auto", "bf16", "fp16")) else 4
+    wide = cfg.teacher.dtype == "fp32" or (cfg.teacher.dtype == "auto" and not cuda)
+    t_bytes = 4 if wide else 2
     plan = Plan()
     frozen = {k: count_params(v) for k, v in dirs.items() if k != name}
     # with an encoding cache the text encoders leave the GPU (TeacherAdapter.use_precomputed);

@@ -13,6 +13,7 @@ from peft import LoraConfig
 from torch import nn
 
 from distillkit.errors import ConfigError
+from distillkit.teachers.base import compute_dtype
 
 if TYPE_CHECKING:
     from distillkit.config import LoraConfigSection
@@ -177,6 +178,10 @@ class AdapterView(nn.Module):
     @property
     def shared(self) -> SharedBase:
         return self._shared[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.shared.base)  # its own parameters are the fp32 LoRA masters
 
     def forward(self, *args, **kwargs):
         with self.shared.using(self.adapter_name):

@@ -34,16 +34,17 @@ def _isolated_environment(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_adapter():
-    """Factory: the family adapter around a tiny random teacher loaded from disk (cached)."""
+    """Factory: the family adapter around a tiny random teacher loaded from disk (cached); fp32
+    unless asked (``--smoke`` itself loads it in the GPU run's dtype)."""
     from distillkit.config import TeacherConfig
     from distillkit.teachers.load import load_teacher
 
     built = {}
 
-    def make(family: str, resolution: int = 32):
-        key = (family, resolution)
+    def make(family: str, resolution: int = 32, dtype: str = "fp32"):
+        key = (family, resolution, dtype)
         if key not in built:
-            cfg = TeacherConfig(model_id="tiny", family=family, resolution=resolution)
+            cfg = TeacherConfig(model_id="tiny", family=family, resolution=resolution, dtype=dtype)
             built[key] = load_teacher(cfg, torch.device("cpu"), smoke=True)
         return built[key]
 

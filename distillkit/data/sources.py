@@ -35,6 +35,7 @@ class TrainData:
     captions: list[str] | None = None
     # (N, C, h, w): the images' VAE latents, once an encoding cache (data.cache_dir) holds them
     latents: torch.Tensor | None = None
+    substituted: str | None = None  # what --smoke used instead of the configured data, if any
 
     def _order(self, n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         if not shuffle:
@@ -163,6 +164,9 @@ def load_train_data(cfg: DataConfig, resolution: int, smoke: bool, need_images: 
     missing = cfg.prompts is None or not Path(cfg.prompts).exists()
     if smoke and missing:
         data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
+        given = f"data.prompts={cfg.prompts}" if cfg.prompts else "no data.prompts"
+        what = "digits images and captions" if need_images else "prompts"
+        data.substituted = f"built-in {what} ({given}: not found)"
         return data
     if cfg.prompts is None:
         raise ConfigError("data.prompts is not set: give a .txt / .jsonl / .csv prompt file")

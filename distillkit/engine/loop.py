@@ -333,6 +333,20 @@ class Trainer:
             self.nonfinite.record(step, bad)
         return logs
 
+    def smoke_substitutions(self) -> str:
+        """What --smoke runs instead of the configured run: a preflight says what it swapped."""
+        cfg, dtype = self.cfg, str(self.teacher.dtype).removeprefix("torch.")
+        lines = [
+            f"smoke: a tiny random {cfg.teacher.family} teacher at {SMOKE_RESOLUTION} px instead "
+            f"of {cfg.teacher.model_id} at {cfg.teacher.resolution} px, in {dtype} "
+            f"(teacher.dtype={cfg.teacher.dtype}, as on CUDA)",
+            f"smoke: train.max_steps={cfg.train.max_steps}, batch {cfg.train.batch_size}, "
+            f"accumulation {cfg.train.grad_accumulation}; every other setting as configured",
+        ]
+        if self.data.substituted:
+            lines.append(f"smoke: data: {self.data.substituted}")
+        return "\n".join(lines)
+
     def _clip(self, role: str, folded: bool = False) -> torch.Tensor | float | None:
         """The role's total gradient norm; its gradients clipped to train.max_grad_norm, unless
         ``folded``: then the optimiser step applies the clip (optim.folds_clipping)."""
@@ -429,6 +443,8 @@ class Trainer:
                 f"({'smoke: tiny teacher' if self.smoke else cfg.teacher.model_id}), "
                 f"effective batch {effective} on {acc.num_processes} process(es), {acc.device}"
             )
+            if self.smoke:
+                acc.print(self.smoke_substitutions())
         for callback in self.callbacks:
             callback.on_train_start(self)
         started, window = time.perf_counter(), time.perf_counter()
@@ -565,6 +581,7 @@ class Trainer:
             steps=self.recipe.export_steps,
             verify=cfg.export.verify,
             tolerance=cfg.export.tolerance,
+            relative_tolerance=cfg.export.relative_tolerance,
             lora_file=cfg.export.lora_file,
             write_card=write_card,
             metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
@@ -573,7 +590,12 @@ class Trainer:
             "pipeline": str(report.pipeline_dir),
             "lora": str(report.lora_dir) if report.lora_dir else None,
             "pipeline_max_abs_diff": report.pipeline_max_abs_diff,
+            "pipeline_rel_rms": report.pipeline_rel_rms,
             "lora_max_abs_diff": report.lora_max_abs_diff,
+            "lora_rel_rms": report.lora_rel_rms,
+            "check": report.check,
+            "teacher_dtype": str(self.teacher.dtype).removeprefix("torch."),
+            "shipped_steps": list(report.shipped_steps),
         }
         (self.output_dir / "export.json").write_text(json.dumps(summary, indent=1))
         return report

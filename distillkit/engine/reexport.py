@@ -60,6 +60,7 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
         steps=recipe.export_steps,
         verify=cfg.export.verify,
         tolerance=cfg.export.tolerance,
+        relative_tolerance=cfg.export.relative_tolerance,
         lora_file=cfg.export.lora_file,
         write_card=write_card,
     )

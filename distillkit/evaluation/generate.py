@@ -163,6 +163,16 @@ def export_call_defaults(pipeline_dir: Path | str) -> dict[str, float | int]:
     return {k: data[k] for k in ("num_inference_steps", "guidance_scale") if k in data}
 
 
+def export_sampling_kwargs(pipeline_dir: Path | str, steps: int) -> dict:
+    """Call arguments beyond steps and guidance that make an export sample its training grid at
+    ``steps`` (SANA's few-step ``sigmas``), from its distillkit.json; {} where it stores none."""
+    meta = Path(pipeline_dir) / EXPORT_META
+    if not meta.is_file():
+        return {}
+    call = json.loads(meta.read_text()).get("calls", {}).get(str(steps), {})
+    return {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+
+
 @torch.no_grad()
 def generate_images(
     pipe: DiffusionPipeline,
@@ -173,18 +183,23 @@ def generate_images(
     seed: int,
     batch_size: int = 100,
     resolution: int | None = None,
+    sampling: dict | None = None,
 ) -> torch.Tensor:
     """(N, 3, H, W) float32 images in [-1, 1], one CPU generator per batch (seed + batch index).
 
     The generator (not pre-made latents) is passed so that stochastic multi-step schedulers
     (LCM re-noising) draw from it too: the same seed gives the same images on any device.
+    ``sampling``: extra call arguments; by default those a distillkit export stores for
+    ``steps`` (its distillkit.json), so few-step students sample the grid they learnt.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     resolution = resolution or default_resolution(pipe)
-    extra = call_kwargs(pipe, resolution)
+    if sampling is None:  # a distillkit export: its own grid at this step count (SANA sigmas)
+        sampling = export_sampling_kwargs(getattr(pipe, "name_or_path", None) or "", steps)
+    extra = {**call_kwargs(pipe, resolution), **sampling}
     out = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         generator = torch.Generator("cpu").manual_seed(seed + index)

@@ -41,7 +41,7 @@ from distillkit.recipes.gan import (
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import plain_copy, trainable_copy
-from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
+from distillkit.teachers.base import Conditioning, TeacherAdapter, compute_dtype, tree_cat
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -110,6 +110,10 @@ class Discriminator(nn.Module):
     @property
     def config(self):
         return self.net.config  # families read the denoiser's config (e.g. SANA)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.net)  # the backbone's, not the fp32 heads'
 
     def forward(self, *args, **kwargs):
         blocks = self.adapter.feature_blocks(self.net)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from distillkit.recipes.base import Batch, Recipe
@@ -25,13 +25,15 @@ from distillkit.recipes.gan import (
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
-from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
 
 
 class DMD2Config(Strict):
     name: Literal["dmd2"] = "dmd2"
     real_guidance_scale: float = Field(8.0, ge=0, description="CFG of the teacher score")
-    fake_guidance_scale: float = Field(1.0, ge=0, description="CFG of the fake score (1 = none)")
+    fake_guidance_scale: float = Field(
+        1.0, description="CFG of the fake score: 1 only (it is never trained unconditionally)"
+    )
     fake_updates_per_generator: int = Field(5, ge=1, description="two time-scale update rule")
     generator_steps: int = Field(1, ge=1, le=8, description="few-step generator (backward sim.)")
     min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timestep range, fraction of T")
@@ -46,6 +48,16 @@ class DMD2Config(Strict):
     @property
     def gan(self) -> bool:
         return self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
+
+    @model_validator(mode="after")
+    def _fake_unguided(self) -> DMD2Config:
+        if self.fake_guidance_scale != 1:
+            raise ValueError(
+                f"fake_guidance_scale={self.fake_guidance_scale}: DMD2 trains its fake score on "
+                "the prompts only, so the fake score has no unconditional branch and its CFG is "
+                "undefined (the reference asserts 1); keep 1 and set real_guidance_scale"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -110,6 +122,13 @@ class DMD2(Recipe):
         with torch.set_grad_enabled(with_grad):
             return teacher.generate(self.roles["generator"], noise, cond, k, last, batch.generator)
 
+    def _gan_input(self, batch: Batch, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """x0 noised afresh at its own t in [0, T) for the GAN classifier: DMD2's diffusion GAN
+        (main/sd_guidance.py compute_cls_logits, --diffusion_gan_max_timestep 1000), not the
+        DM loss's x_t."""
+        t = self.teacher.sample_t(x0.shape[0], batch.generator, 0.0, 1.0)
+        return self.teacher.add_noise(x0, batch.randn(x0.shape, x0.device), t), t
+
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         teacher, cfg = self.teacher, self.cfg
         cond = teacher.encode(batch.prompts)
@@ -119,24 +138,19 @@ class DMD2(Recipe):
             x0 = self._generate(batch, cond, with_grad=True)
             batch.scratch["x0"] = x0.detach()
             t = teacher.sample_t(n, batch.generator, cfg.min_t, cfg.max_t)
-            x_t = teacher.add_noise(x0, batch.randn(x0.shape, x0.device), t)
-            logs: dict[str, Tensor] = {}
-            gan_loss = x0.new_zeros(())
-            shared_fake = cfg.gan_generator_weight > 0 and cfg.fake_guidance_scale == 1
-            if cfg.gan_generator_weight > 0:
-                # one fake-score forward serves both the GAN logits and the DM fake score
-                out, logits = predict_with_features(teacher, fake, x_t, t, cond)
-                gan_loss = gan_generator_loss(logits)
-                logs["gan"] = gan_loss.detach()
-                if shared_fake:
-                    fake_x0 = teacher.to_x0(out.detach(), x_t.detach(), t)
             with torch.no_grad():
-                if not shared_fake:
-                    fake_x0 = teacher.denoise(fake, x_t, t, cond, cfg.fake_guidance_scale)
+                x_t = teacher.add_noise(x0, batch.randn(x0.shape, x0.device), t)
+                fake_x0 = teacher.denoise(fake, x_t, t, cond)  # unguided: see the config
                 real_x0 = teacher.denoise(teacher.denoiser, x_t, t, cond, cfg.real_guidance_scale)
             dm = distribution_matching_loss(x0, real_x0, fake_x0)
-            logs["dm"] = dm.detach()
-            return dm + cfg.gan_generator_weight * gan_loss, logs
+            logs: dict[str, Tensor] = {"dm": dm.detach()}
+            if cfg.gan_generator_weight == 0:
+                return dm, logs
+            # the frozen fake score's features on the generated x0, differentiated through
+            _, fake_logits = predict_with_features(teacher, fake, *self._gan_input(batch, x0), cond)
+            gan = gan_generator_loss(fake_logits)
+            logs["gan"] = gan.detach()
+            return dm + cfg.gan_generator_weight * gan, logs
 
         x0 = batch.scratch.get("x0")
         if x0 is None:
@@ -148,12 +162,20 @@ class DMD2(Recipe):
         if cfg.gan_discriminator_weight == 0:
             loss = denoising_loss(teacher.forward(fake, x_t, t, cond.cond), target)
             return loss, {"denoise": loss.detach()}
-        out, fake_logits = predict_with_features(teacher, fake, x_t, t, cond)
-        dsm = denoising_loss(out, target)
+        # denoising and both GAN inputs in one fake-score call (one forward per backward)
         real = batch.real_latents(teacher)
-        real_t = teacher.add_noise(real, batch.randn(real.shape, real.device), t)
         real_cond = teacher.encode(batch.captions)
-        _, real_logits = predict_with_features(teacher, fake, real_t, t, real_cond)
+        fake_x, fake_t = self._gan_input(batch, x0)
+        real_x, real_t = self._gan_input(batch, real)
+        out, logits = predict_with_features(
+            teacher,
+            fake,
+            torch.cat([x_t, fake_x, real_x]),
+            torch.cat([t, fake_t, real_t]),
+            Conditioning(tree_cat([cond.cond, cond.cond, real_cond.cond]), {}),
+        )
+        _, fake_logits, real_logits = logits.split([n, n, real.shape[0]])
+        dsm = denoising_loss(out[:n], target)
         disc = gan_discriminator_loss(real_logits, fake_logits)
         logs = {"denoise": dsm.detach(), "disc": disc.detach()}
         return dsm + cfg.gan_discriminator_weight * disc, logs

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.base import TeacherAdapter, compute_dtype
 
 
 def gan_generator_loss(fake_logits: Tensor) -> Tensor:
@@ -63,6 +64,10 @@ class FakeScore(nn.Module):
     def config(self):
         """The denoiser's config: families read it (e.g. SANA's timestep_scale)."""
         return self.net.config
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.net)  # the denoiser's, not the fp32 head's
 
     def forward(self, *args, **kwargs):
         if self._tap is None:

@@ -32,11 +32,12 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distillkit.engine.nanguard import masked_lerp_
+from distillkit.errors import ConfigError
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.recipes.gan import unwrap
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
-from distillkit.students import trainable_copy
+from distillkit.students import role_networks
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 
 
@@ -112,17 +113,37 @@ class LCM(Recipe):
 
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
-        student = run_cfg.student
-        ckpt = run_cfg.train.gradient_checkpointing
-        net = trainable_copy(teacher.denoiser, student.type, student.lora, ckpt)
+        student, cfg = run_cfg.student, self.cfg
+        if student.start_timestep is not None:
+            raise ConfigError(
+                "student.start_timestep does not apply to recipe lcm: a consistency student "
+                "samples its own distillation grid from T-1; remove the setting"
+            )
+        steps = max(teacher.schedule.num_train_timesteps // cfg.skipping_step, 1)
+        if cfg.inference_steps > steps:
+            raise ConfigError(
+                f"recipe.inference_steps={cfg.inference_steps} exceeds the {steps}-point "
+                f"distillation grid of recipe.skipping_step={cfg.skipping_step}; lower one"
+            )
+        # LCM-LoRA with student.shared_base: the student is an adapter on the teacher's own
+        # denoiser (the teacher is that base with adapters off), one copy of the base weights,
+        # as diffusers' LCM-LoRA script holds it
+        net = role_networks(
+            teacher.denoiser,
+            {"generator": (student.type, student.lora)},
+            shared_base=student.shared_base,
+            gradient_checkpointing=run_cfg.train.gradient_checkpointing,
+        )["generator"]
         self.roles["generator"] = net
         # Full LCM: an EMA copy is the target (theta^-). LCM-LoRA's script has none: the
         # student itself under no_grad, which costs no memory.
         self.target: nn.Module | None = None
         if student.type == "full":
             self.target = copy.deepcopy(net).requires_grad_(False).eval()
-        steps = max(teacher.schedule.num_train_timesteps // self.cfg.skipping_step, 1)
         self.grid = self._with_zero(teacher.solver_timesteps(steps))
+        # the export samples k of these points, as the student learnt them (diffusers' LCM
+        # scripts: original_inference_steps = num_ddim_timesteps)
+        teacher.use_sampling_grid(steps)
 
     @classmethod
     def needs_images(cls, cfg: LCMConfig) -> bool:

@@ -40,6 +40,26 @@ def tree_cat(trees: list[Any]) -> Any:
     return first
 
 
+def compute_dtype(net: nn.Module) -> torch.dtype:
+    """The dtype a denoiser computes in: that of its base weights (a LoRA's own weights are fp32
+    masters). Wrappers (DDP, the fake score with its GAN head, an adapter on a shared base) say
+    it through a ``compute_dtype`` attribute. Not diffusers' ``ModelMixin.dtype``: that walks every
+    submodule for casting hooks, milliseconds per call on SDXL."""
+    net = getattr(net, "module", net)  # a DDP wrapper
+    own = getattr(net, "compute_dtype", None)
+    if isinstance(own, torch.dtype):
+        return own
+    for name, param in net.named_parameters():
+        if "lora_" not in name and param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of ``tree`` in ``dtype``; masks and ids keep theirs."""
+    return tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, tree)
+
+
 @dataclass
 class Conditioning:
     """Per-sample network keyword arguments for the prompts and for the empty prompt (CFG).
@@ -98,6 +118,7 @@ class TeacherAdapter:
         self.device = device
         self.text_device = device  # where the text encoders run (the CPU once offloaded)
         self.start_timestep: int | None = None  # see use_start_timestep
+        self.grid_steps: int | None = None  # see use_sampling_grid
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -121,7 +142,14 @@ class TeacherAdapter:
         raise NotImplementedError
 
     def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
-        """One raw network call in the family's own parameterization."""
+        """One raw network call in the family's own parameterization, as fp32. The input and the
+        conditioning follow ``net``'s dtype, whatever the text encoders computed in (a bf16
+        teacher's embeddings reach an fp32 student), as the family's pipeline casts them."""
+        dtype = compute_dtype(net)
+        return self.call_network(net, x_t.to(dtype), t, cast_floating(kwargs, dtype)).float()
+
+    def call_network(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
+        """The family's network call on inputs already in the network's dtype."""
         raise NotImplementedError
 
     def export_scheduler(self):
@@ -139,6 +167,12 @@ class TeacherAdapter:
         self.check_start_timestep(t)
         self.start_timestep = t
 
+    def use_sampling_grid(self, steps: int | None) -> None:
+        """Sample few-step trajectories from a ``steps``-point solver grid (LCM's distillation grid,
+        diffusers' ``original_inference_steps``): k-step sampling picks k of its points by
+        LCMScheduler's rule, in training and in the export alike. None: the family's default."""
+        self.grid_steps = steps
+
     def check_start_timestep(self, t: int) -> None:
         raise ConfigError(
             f"student.start_timestep: the {self.family} family starts its generators at the "
@@ -147,6 +181,12 @@ class TeacherAdapter:
 
     def pipeline_call_kwargs(self) -> dict:
         """Extra arguments the family's pipeline needs to reproduce training-time sampling."""
+        return {}
+
+    def sampling_call_kwargs(self, steps: int) -> dict:
+        """Pipeline-call arguments beyond ``num_inference_steps`` that make the exported pipeline
+        sample the ``steps``-step training grid (exports store them for users). None by default:
+        the export scheduler's own ``steps``-step grid is the training grid."""
         return {}
 
     def feature_module(self, net: nn.Module) -> tuple[nn.Module, int]:
@@ -303,8 +343,14 @@ class TeacherAdapter:
         return c_skip.to(x0).reshape(shape) * x_t + c_out.to(x0).reshape(shape) * x0
 
     def generator_timesteps(self, steps: int) -> Tensor:
+        """The ``steps``-step grid, as the exported scheduler sets it from the pipeline's call
+        (``retrieve_timesteps``: explicit sigmas win over ``num_inference_steps``)."""
         scheduler = self.export_scheduler()
-        scheduler.set_timesteps(steps, device=self.device)
+        extra = self.sampling_call_kwargs(steps)
+        if extra:
+            scheduler.set_timesteps(device=self.device, **extra)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps.float()
 
     def generate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
 from diffusers import FlowMatchLCMScheduler
 from torch import Tensor, nn
 
@@ -41,20 +42,44 @@ class SanaAdapter(TeacherAdapter):
         uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
         return cond, uncond
 
-    def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
-        dtype = next(net.parameters()).dtype
+    def call_network(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
         config = getattr(net, "module", net).config  # through a DDP/FSDP wrapper
-        timestep = t * config.timestep_scale
-        out = net(x_t.to(dtype), timestep=timestep.to(dtype), return_dict=False, **kwargs)[0]
+        # fp32 timesteps, as SanaPipeline passes them: in bf16 they would round to multiples
+        # of 4 in [512, 1024) and the network would see another t than the schedule's
+        timestep = t.float() * config.timestep_scale
+        out = net(x_t, timestep=timestep, return_dict=False, **kwargs)[0]
         if out.shape[1] != x_t.shape[1]:  # learned-sigma heads: keep the velocity half
             out = out.chunk(2, dim=1)[0]
-        return out.float()
+        return out
 
     def export_scheduler(self) -> FlowMatchLCMScheduler:
         # Its step is "x0 = x - sigma * v, re-noise to the next sigma"; at one step sigma = 1.
         return FlowMatchLCMScheduler(
             num_train_timesteps=self.schedule.num_train_timesteps, shift=self.schedule.shift
         )
+
+    @staticmethod
+    def grid_sigmas(steps: int, base: int) -> list[float]:
+        """``steps`` points of the ``base``-point trailing flow grid u_j = 1 - j / base, picked
+        at floor(i * base / steps): LCMScheduler's rule, so a k-step SANA student samples k
+        points of its training grid as an SD one does. The scheduler applies its shift to them.
+
+        FlowMatchLCMScheduler's own k-step grid cannot serve: it spaces sigmas from 1 down to
+        its minimum and always ends there (shift 3: [1.0, 0.009] at 2 steps, [1.0, 0.858,
+        0.602, 0.009] at 4), so a "2-step" student would be a 1-step one. SanaPipeline takes
+        ``sigmas=``; exports store them with each step count they ship."""
+        picks = np.floor(np.linspace(0, base, steps, endpoint=False))
+        return [float(u) for u in 1.0 - picks / base]
+
+    def sampling_call_kwargs(self, steps: int) -> dict:
+        base = self.grid_steps or self.schedule.num_train_timesteps
+        return {"sigmas": self.grid_sigmas(steps, base)}
+
+    def solver_timesteps(self, n: int) -> Tensor:
+        # the whole n-point grid (LCM's DDIM-grid counterpart: [T, T - T/n, ..., T/n], shifted)
+        scheduler = self.export_scheduler()
+        scheduler.set_timesteps(sigmas=self.grid_sigmas(n, n), device=self.device)
+        return scheduler.timesteps.float()
 
     def pipeline_call_kwargs(self) -> dict:
         return {"use_resolution_binning": False}

@@ -32,6 +32,8 @@ class UNetAdapterMixin:
         config.update(timestep_spacing="trailing", steps_offset=1)
         if self.start_timestep is not None:
             config["original_inference_steps"] = self.start_timestep + 1
+        elif self.grid_steps is not None:  # LCM's training grid: T // skipping_step points
+            config["original_inference_steps"] = self.grid_steps
         return LCMScheduler(**config)
 
     def check_start_timestep(self, t: int) -> None:
@@ -80,6 +82,5 @@ class SD15Adapter(UNetAdapterMixin, TeacherAdapter):
         )
         return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}
 
-    def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
-        dtype = next(net.parameters()).dtype
-        return net(x_t.to(dtype), t, return_dict=False, **kwargs)[0].float()
+    def call_network(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
+        return net(x_t, t, return_dict=False, **kwargs)[0]

@@ -40,6 +40,5 @@ class SDXLAdapter(UNetAdapterMixin, TeacherAdapter):
         }
         return cond, uncond
 
-    def forward(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
-        dtype = next(net.parameters()).dtype
-        return net(x_t.to(dtype), t, return_dict=False, **kwargs)[0].float()
+    def call_network(self, net: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict) -> Tensor:
+        return net(x_t, t, return_dict=False, **kwargs)[0]

@@ -143,13 +143,6 @@ def test_fp16_without_cuda(workspace, capsys):
     assert "train.mixed_precision=fp16" in err
 
 
-def test_half_precision_teacher_on_cpu(workspace, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    err = _run(workspace, capsys, overrides=["teacher.dtype=fp16"])
-    assert "teacher.dtype=fp16" in err
-
-
 def test_existing_run_without_resume(workspace, capsys):
     ckpt = workspace["out"] / "checkpoints" / "step-0000001"
     ckpt.mkdir(parents=True)
