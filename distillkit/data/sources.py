@@ -161,19 +161,31 @@ def load_train_data(cfg: DataConfig, resolution: int, smoke: bool, need_images: 
     from_datasets = load_dataset_sources(cfg, resolution, smoke, need_images)
     if from_datasets is not None:
         return from_datasets
-    missing = cfg.prompts is None or not Path(cfg.prompts).exists()
-    if smoke and missing:
+    # prompts: data.prompts, else (recipes that train on image-caption pairs) the captions of
+    # data.images, the rule the data.images_dataset route follows too
+    exists = lambda path: path is not None and Path(path).exists()  # noqa: E731
+    given = exists(cfg.prompts) or (need_images and cfg.prompts is None and exists(cfg.images))
+    if smoke and (not given or (need_images and not exists(cfg.images))):
         data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
-        given = f"data.prompts={cfg.prompts}" if cfg.prompts else "no data.prompts"
+        said = f"data.prompts={cfg.prompts}" if cfg.prompts else "no data.prompts"
+        if need_images:
+            said += f", data.images={cfg.images}" if cfg.images else ", no data.images"
         what = "digits images and captions" if need_images else "prompts"
-        data.substituted = f"built-in {what} ({given}: not found)"
+        data.substituted = f"built-in {what} ({said}: not found)"
         return data
-    if cfg.prompts is None:
-        raise ConfigError("data.prompts is not set: give a .txt / .jsonl / .csv prompt file")
-    prompts = read_prompts(Path(cfg.prompts), cfg.prompt_column)
+    prompts = None if cfg.prompts is None else read_prompts(Path(cfg.prompts), cfg.prompt_column)
     if not need_images:
+        if prompts is None:
+            raise ConfigError("data.prompts is not set: give a .txt / .jsonl / .csv prompt file")
         return TrainData(prompts)
     if cfg.images is None:
         raise ConfigError("data.images is required by this recipe (real images for its GAN term)")
     images, captions = read_image_folder(Path(cfg.images), resolution)
+    if prompts is None:
+        prompts = [c for c in captions if c]
+        if not prompts:
+            raise ConfigError(
+                f"data.prompts is not set and the images in {cfg.images} have no captions "
+                "(metadata.jsonl or .txt files): give data.prompts or caption the images"
+            )
     return TrainData(prompts, images, [c or prompts[0] for c in captions])

@@ -86,6 +86,24 @@ def test_train_data_from_datasets(files: dict[str, Path]) -> None:
     assert data.captions == [f"caption {i}" for i in range(3)]
 
 
+@pytest.mark.parametrize("route", ["images", "images_dataset"])
+def test_captions_are_the_prompts_when_data_prompts_is_unset(files: dict[str, Path], route):
+    """One rule for both image routes: without data.prompts, the captions are the prompts (LCM
+    trains on the images' captions); uncaptioned images name the fields to set."""
+    folder = str(files["folder"])
+    cfg = (
+        DataConfig(images=folder)
+        if route == "images"
+        else DataConfig(images_dataset={"path": folder})
+    )
+    data = load_train_data(cfg, 16, smoke=False, need_images=True)
+    assert data.prompts == data.captions == [f"caption {i}" for i in range(3)]
+    (files["folder"] / "metadata.jsonl").unlink()
+    if route == "images":
+        with pytest.raises(ConfigError, match=r"data\.prompts is not set .* no captions"):
+            load_train_data(DataConfig(images=folder), 16, smoke=False, need_images=True)
+
+
 @pytest.mark.parametrize(
     ("source", "field"),
     [

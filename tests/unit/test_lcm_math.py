@@ -67,7 +67,8 @@ def test_generate_is_the_export_schedulers_trajectory(tiny_adapter, family, step
     with torch.no_grad():
         ours = adapter.generate(net, noise, cond, steps, generator=torch.Generator().manual_seed(9))
         scheduler = adapter.export_scheduler()
-        scheduler.set_timesteps(steps)
+        extra = adapter.sampling_call_kwargs(steps)  # SANA's grid sigmas, as the export ships
+        scheduler.set_timesteps(**(extra or {"num_inference_steps": steps}))
         gen, x = torch.Generator().manual_seed(9), noise
         for t in scheduler.timesteps:
             out = adapter.forward(net, x, t.float().expand(1), cond.cond)
@@ -217,7 +218,10 @@ def test_recipe_loss_trains_only_the_student(tiny_adapter, student):
 
     config = "lcm_sd15" if student == "full" else "lcm_lora_sd15"
     path = REPO / "recipes" / f"{config}.yaml"
-    cfg = load_config(path, ["recipe.latents=teacher", "recipe.teacher_steps=3"])
+    # separate copies: a shared base would put the adapter on the session's tiny teacher
+    # (the shared-base wiring is tested in test_recipe_wiring on a teacher of its own)
+    overrides = ["recipe.latents=teacher", "recipe.teacher_steps=3", "student.shared_base=false"]
+    cfg = load_config(path, overrides)
     adapter = tiny_adapter("sd15")
     recipe = LCM(cfg, adapter)
     assert recipe.grid[0] == 999 and recipe.grid[-2] == 19 and recipe.grid[-1] == 0

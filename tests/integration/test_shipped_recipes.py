@@ -1,0 +1,163 @@
+"""Every shipped YAML (recipes/*.yaml, not the digits ones) through the real CLI with --smoke, as
+a GPU run would compute it: the tiny teacher in the dtype `teacher.dtype` gives on CUDA (bf16),
+the YAML's own mixed precision, LoRA config, shared base, GAN weights, generator steps and
+guidance. Each run trains both roles, checkpoints, exports and verifies; here its export is
+reloaded with plain diffusers and sampled at every step count it ships."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from distillkit.config import load_config
+from distillkit.teachers.load import SMOKE_RESOLUTION, tiny_teacher_dir
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+FAST = ["logging.progress_bar=false", "logging.sample_every=0", "logging.report=false"]
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sana": "SanaPipeline"}  # fmt: skip
+SCHEDULER = {"sd15": "LCMScheduler", "sdxl": "LCMScheduler", "sana": "FlowMatchLCMScheduler"}
+
+
+def test_every_shipped_recipe_is_covered():
+    families = {load_config(REPO / "recipes" / f"{name}.yaml").teacher.family for name in SHIPPED}
+    assert len(SHIPPED) >= 19 and families == set(PIPELINES)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run a shipped YAML once per module with --smoke; returns (output dir, stdout)."""
+    done: dict[tuple, tuple[Path, str]] = {}
+
+    def run(name: str, *overrides: str) -> tuple[Path, str]:
+        key = (name, overrides)
+        if key not in done:
+            out = tmp_path_factory.mktemp(name) / "run"
+            args = ["run", f"recipes/{name}.yaml", "--smoke", f"output_dir={out}"]
+            proc = subprocess.run(
+                [sys.executable, "-m", "distillkit.cli", *args, *FAST, *overrides],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                cwd=REPO,
+            )
+            assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
+            done[key] = (out, proc.stdout)
+        return done[key]
+
+    return run
+
+
+def _denoiser(family: str) -> str:
+    return "transformer" if family == "sana" else "unet"
+
+
+def _weights(pipeline_dir: Path, family: str) -> dict[str, torch.Tensor]:
+    folder = pipeline_dir / _denoiser(family)
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def _sample(pipe: DiffusionPipeline, call: dict) -> np.ndarray:
+    kwargs = {"use_resolution_binning": False} if "Sana" in type(pipe).__name__ else {}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a handwritten digit three",
+        height=SMOKE_RESOLUTION,
+        width=SMOKE_RESOLUTION,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **call,
+        **kwargs,
+    ).images
+
+
+def _rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_runs_as_on_a_gpu(smoke, name):
+    cfg = load_config(REPO / "recipes" / f"{name}.yaml")
+    family = cfg.teacher.family
+    out, stdout = smoke(name)
+
+    # what --smoke ran instead, said; the GPU run's teacher dtype
+    assert "smoke: a tiny random" in stdout and "bfloat16" in stdout
+    report = json.loads((out / "export.json").read_text())
+    assert report["teacher_dtype"] == "bfloat16" and "relative RMS" in report["check"]
+    assert report["pipeline_rel_rms"] <= cfg.export.relative_tolerance
+    saved = yaml.safe_load((out / "run.yaml").read_text())["config"]
+    assert saved["train"]["mixed_precision"] == cfg.train.mixed_precision
+    assert saved["student"] == cfg.student.model_dump(mode="json")
+    assert saved["recipe"] == cfg.recipe.model_dump(mode="json")
+
+    # every role trained, and the generator's weights moved
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    roles = {k.split("/")[0] for row in metrics for k in row if k.endswith("/loss")}
+    assert metrics[-1]["step"] == 2 and len(roles) == (1 if cfg.recipe.name == "lcm" else 2)
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    trained = load_file(str(ckpt / "generator.safetensors"))
+    teacher_dir = tiny_teacher_dir(family, SMOKE_RESOLUTION)
+    if cfg.student.type == "lora":
+        assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    else:
+        # the student starts at the bf16 teacher's weights: compare with those
+        start = {k: v.to(torch.bfloat16).float() for k, v in _weights(teacher_dir, family).items()}
+        assert any(not torch.equal(v, start[k]) for k, v in trained.items())
+
+    # plain diffusers: the stored class, scheduler and dtype; samples at every shipped count
+    call = json.loads((out / "pipeline" / "distillkit.json").read_text())
+    steps = call["num_inference_steps"]
+    assert sorted(int(k) for k in call["calls"]) == sorted({1, steps})
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.bfloat16)
+    assert type(pipe).__name__ == PIPELINES[family]
+    assert type(pipe.scheduler).__name__ == SCHEDULER[family]
+    assert getattr(pipe, _denoiser(family)).dtype == torch.bfloat16
+    samples = {int(k): _sample(pipe, c) for k, c in call["calls"].items()}
+    for images in samples.values():
+        assert images.shape == (1, SMOKE_RESOLUTION, SMOKE_RESOLUTION, 3)
+        assert np.isfinite(images).all()
+    if steps > 1:
+        assert not np.allclose(samples[steps], samples[1])
+    card = (out / "pipeline" / "README.md").read_text()
+    assert f"num_inference_steps={steps}" in card and cfg.recipe.name in card
+
+    # LoRA students: the LoRA file on the teacher reproduces the merged export
+    lora = out / "lora" / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() == (cfg.student.type == "lora")
+    if lora.is_file():
+        base = DiffusionPipeline.from_pretrained(teacher_dir, torch_dtype=torch.bfloat16)
+        base.scheduler = pipe.scheduler
+        before = _sample(base, call["calls"]["1"])
+        base.load_lora_weights(out / "lora")
+        after = _sample(base, call["calls"]["1"])
+        assert not np.allclose(before, after)
+        assert _rel_rms(after, samples[1]) <= cfg.export.relative_tolerance
+
+
+def test_apt_starts_from_another_runs_export(smoke):
+    """init_from: the generator begins at the LCM run's exported UNet (kept there by lr 0),
+    not at the teacher, while the discriminator still trains from the teacher's weights."""
+    lcm, _ = smoke("lcm_sd15")
+    out, _ = smoke("apt_sd15", f"recipe.init_from={lcm / 'pipeline'}", "recipe.lr.generator=0")
+    start, got = _weights(lcm / "pipeline", "sd15"), _weights(out / "pipeline", "sd15")
+    teacher = _weights(tiny_teacher_dir("sd15", SMOKE_RESOLUTION), "sd15")
+    assert all(torch.equal(got[k], start[k]) for k in start)
+    assert any(not torch.equal(start[k], teacher[k].to(start[k].dtype)) for k in start)
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    disc = load_file(str(ckpt / "discriminator.safetensors"))
+    assert any(
+        not torch.equal(disc[f"net.{k}"], teacher[k].to(disc[f"net.{k}"].dtype))
+        for k in teacher
+        if f"net.{k}" in disc
+    )
