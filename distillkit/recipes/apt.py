@@ -60,7 +60,12 @@ class APTConfig(Strict):
     head_width: int = Field(128, ge=8)
     r1_sigma: float = Field(0.01, gt=0, description="approximated R1 perturbation (APT: 0.01)")
     r1_weight: float = Field(100.0, ge=0, description="lambda of the approximated R1 (APT: 100)")
-    min_t: float = Field(0.0, ge=0, lt=1, description="D's noise level range, fraction of T")
+    min_t: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="D's noise level range, fraction of the schedule (flow: before the shift)",
+    )
     max_t: float = Field(1.0, gt=0, le=1)
     discriminator_updates_per_generator: int = Field(1, ge=1)
     lr: dict[Literal["generator", "discriminator"], float] = Field(

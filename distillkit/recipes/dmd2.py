@@ -36,7 +36,12 @@ class DMD2Config(Strict):
     )
     fake_updates_per_generator: int = Field(5, ge=1, description="two time-scale update rule")
     generator_steps: int = Field(1, ge=1, le=8, description="few-step generator (backward sim.)")
-    min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timestep range, fraction of T")
+    min_t: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="DM loss t range, fraction of the schedule (flow teachers: before the shift)",
+    )
     max_t: float = Field(0.98, gt=0, le=1)
     fake_score: Literal["full", "lora"] = "full"
     gan_generator_weight: float = Field(0.0, ge=0, description="paper: 5e-3 (SDXL), 1e-3 (SD1.5)")

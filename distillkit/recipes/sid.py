@@ -58,7 +58,12 @@ class SiDConfig(Strict):
         "sid", description="sid: 1/mean|x_g - f_real| (SiD); alpha: alpha_t (SiD-DiT's 1-sigma)"
     )
     generator_steps: int = Field(1, ge=1, le=8, description="few-step generator (uniform mixture)")
-    min_t: float = Field(0.02, ge=0, lt=1, description="t range as a fraction of T (20..980)")
+    min_t: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="t range, fraction of the schedule (VP: 20..980; flow: before the shift)",
+    )
     max_t: float = Field(0.98, gt=0, le=1)
     fake_score: Literal["full", "lora"] = "full"
     gan_generator_weight: float = Field(0.0, ge=0, description="SiDA adversarial term (0 = off)")
@@ -224,6 +229,10 @@ class SiD(Recipe):
         real_cond = teacher.encode(batch.captions)
         if k_train is None:
             real_cond = real_cond.with_empty_prompts()
+        elif f_cond is not cond:  # the fake rows' prompt dropout, drawn alike for the real rows:
+            # else an empty text would tell the discriminator "generated"
+            real_drop = torch.rand(real.shape[0], generator=batch.generator)
+            real_cond = real_cond.with_empty_prompts(real_drop < cfg.fake_prompt_dropout)
         _, real_logits = predict_with_features(teacher, fake, real_t, t, real_cond)
         disc = gan_discriminator_loss(real_logits, fake_logits)
         logs = {"denoise": dsm.detach(), "disc": disc.detach()}

@@ -37,7 +37,12 @@ class SwiftBrushConfig(Strict):
     fake_guidance_scale: float | None = Field(
         None, ge=0, description="LoRA-score CFG in the VSD gradient; None = real (reference code)"
     )
-    min_t: float = Field(0.02, ge=0, lt=1, description="VSD t range, fraction of T (20..981)")
+    min_t: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="VSD t range, fraction of the schedule (VP: 20..981; flow: before the shift)",
+    )
     max_t: float = Field(0.981, gt=0, le=1)
     lora_rank: int = Field(64, ge=1, le=1024, description="fake-score LoRA rank (paper: 64)")
     lora_alpha: float = Field(108.0, gt=0, description="fake-score LoRA alpha (README: 108)")
