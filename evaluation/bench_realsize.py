@@ -326,6 +326,7 @@ def export_retry(record: dict, case: Case, run_dir: Path, args, work: Path, env:
         "resume_export.error); the checkpoint of step 2 is exported again",
         "ok": retry["rc"] == 0,
         "export": _export_json(run_dir),
+        "commit": git_commit(),
     }
 
 

@@ -151,7 +151,8 @@ def git_commit(root: Path = ROOT) -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results files written by the bench itself do not make the measured code dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!*/results/*"],
             cwd=root,
             capture_output=True,
             text=True,
