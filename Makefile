@@ -41,8 +41,9 @@ bench-quality: setup
 bench-perf: setup
 	$(BIN)/python evaluation/bench_perf.py
 
-# Real-size random-weight teachers through the CLI on this CPU (not part of `make test`):
-# SD1.5 needs ~8 GiB and ~10 min, SDXL ~20 GiB, SANA ~23 GiB (docs/gpu-check.md, README).
+# Real-size random-weight teachers through the CLI on this CPU (not part of `make test`). Peak
+# RSS (export): SD1.5 9.5 GiB, ~13 min on 2 cores; SDXL ~20 GiB (DMD2) / ~27 GiB (LCM-LoRA);
+# SANA ~21 / ~25 GiB: an export that would not fit is skipped unless --force (README).
 # REALSIZE_ARGS="--families sdxl" measures one family and merges it into realsize.json.
 REALSIZE_ARGS ?=
 bench-realsize: setup
