@@ -54,18 +54,28 @@ def count_params(folder: Path) -> int:
 
 def build_meta(folder: Path) -> nn.Module:
     """The module of ``folder/config.json`` with meta tensors (diffusers or transformers class)."""
-    import diffusers
-    import transformers
     from accelerate import init_empty_weights
 
-    cfg = json.loads((folder / "config.json").read_text())
     with init_empty_weights(include_buffers=False):
-        if "_class_name" in cfg:
-            return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
-        arch = cfg["architectures"][0]
-        extra = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
-        config = transformers.AutoConfig.for_model(cfg["model_type"], **extra)
-        return getattr(transformers, arch)(config)
+        return instantiate(read_config(folder))
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def instantiate(cfg: dict) -> nn.Module:
+    """The diffusers (``_class_name``) or transformers (``architectures``) model of a config,
+    built where the caller's device / dtype / empty-weights context puts it."""
+    import diffusers
+    import transformers
+
+    if "_class_name" in cfg:
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    arch = cfg["architectures"][0]
+    extra = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **extra)
+    return getattr(transformers, arch)(config)
 
 
 def n_params(module: nn.Module) -> int:

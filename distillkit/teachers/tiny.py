@@ -156,6 +156,21 @@ def _gemma_tokenizer() -> GemmaTokenizer:
     )
 
 
+def _sd15_scheduler() -> PNDMScheduler:
+    return PNDMScheduler.from_config({**_SD_SCHEDULER, "skip_prk_steps": True})
+
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler.from_config({**_SD_SCHEDULER, "interpolation_type": "linear"})
+
+
+def _sana_scheduler() -> DPMSolverMultistepScheduler:
+    """SANA's flow-matching DPM-Solver++ (flow_shift 3, as the released 1024 px pipelines)."""
+    return DPMSolverMultistepScheduler(
+        flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True
+    )
+
+
 def _clip_config(
     spec: TinySpec, tok: CLIPTokenizer, hidden: int, act: str = "quick_gelu"
 ) -> CLIPTextConfig:
@@ -230,7 +245,7 @@ def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
         unet=_seeded(spec.seed, 2, lambda: _unet(spec, sdxl=False, cross_dim=h)),
         vae=_seeded(spec.seed, 3, lambda: _vae_kl(spec, scaling_factor=0.18215)),
         tokenizer=tok,
-        scheduler=PNDMScheduler.from_config({**_SD_SCHEDULER, "skip_prk_steps": True}),
+        scheduler=_sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -248,9 +263,7 @@ def _build_sdxl(spec: TinySpec) -> StableDiffusionXLPipeline:
         vae=_seeded(spec.seed, 3, lambda: _vae_kl(spec, scaling_factor=0.13025)),
         tokenizer=tok,
         tokenizer_2=tok_2,
-        scheduler=EulerDiscreteScheduler.from_config(
-            {**_SD_SCHEDULER, "interpolation_type": "linear"}
-        ),
+        scheduler=_sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -314,9 +327,7 @@ def _build_sana(spec: TinySpec) -> SanaPipeline:
         text_encoder=_seeded(spec.seed, 1, lambda: _gemma(spec, tok)),
         transformer=_seeded(spec.seed, 2, lambda: _sana_transformer(spec)),
         vae=_seeded(spec.seed, 3, lambda: _vae_dc(spec)),
-        scheduler=DPMSolverMultistepScheduler(
-            flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True
-        ),
+        scheduler=_sana_scheduler(),
     )
 
 
