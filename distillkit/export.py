@@ -205,7 +205,7 @@ def export_student(
             )
             if verify:
                 report.lora_max_abs_diff, report.lora_rel_rms = _verify_lora(
-                    teacher, lora_tmp, noise, expected, check
+                    teacher, lora_tmp, merged, noise, check
                 )
         if write_card is not None:
             write_card(tmp, steps)
@@ -223,21 +223,27 @@ def export_student(
 
 
 def _verify_lora(
-    teacher: TeacherAdapter, lora_dir: Path, noise, expected, check: OutputCheck
+    teacher: TeacherAdapter, lora_dir: Path, merged: nn.Module, noise, check: OutputCheck
 ) -> tuple[float, float]:
-    """Load the file into a fresh teacher pipeline the way a user would: load_lora_weights."""
+    """Load the file into a fresh teacher pipeline the way a user would (load_lora_weights) and
+    compare its denoiser with the merged one on the one-step input. The network outputs, not the
+    samples: in half precision the unfused LoRA rounds in each adapted layer where the merged
+    weights rounded once (278 layers of an SDXL LCM-LoRA: 0.037 relative RMS in the sample after
+    the scheduler's 1/alpha_T), while a lost alpha/rank scale moves the output by far more. The
+    scheduler and the pipeline around the denoiser are the merged export's, checked already."""
     components = dict(teacher.pipe.components)
     components[teacher.denoiser_attr] = plain_copy(teacher.denoiser)
     pipe = type(teacher.pipe)(**components)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = teacher.export_scheduler()
     pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE)
-    got = pipeline_one_step(pipe, teacher, noise)
-    max_abs, rel_rms, ok = check.measure(got, expected)
+    loaded = getattr(pipe, teacher.denoiser_attr)
+    cond = teacher.encode([VERIFY_PROMPT]).cond
+    t = teacher.generator_timesteps(1)[:1]
+    got = teacher.forward(loaded, noise, t, cond)
+    max_abs, rel_rms, ok = check.measure(got, teacher.forward(merged, noise, t, cond))
     if not ok:
         raise ExportError(
             f"export check failed: the LoRA file loaded with load_lora_weights differs from the "
-            f"merged student (max abs {max_abs:.3g}, relative RMS {rel_rms:.3g}; needed "
-            f"{check.describe()})"
+            f"merged student (max abs {max_abs:.3g}, relative RMS {rel_rms:.3g} in the denoiser "
+            f"output; needed {check.describe()})"
         )
     return max_abs, rel_rms

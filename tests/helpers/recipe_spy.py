@@ -165,6 +165,10 @@ def build(name: str, family: str, adapter, *overrides: str, monkeypatch=None, ya
         for attr in ("grid_steps", "start_timestep"):
             monkeypatch.setattr(adapter, attr, getattr(adapter, attr))
     path = REPO / "recipes" / f"{yaml or f'{name}_{family}'}.yaml"
+    if not any(o.startswith("student.shared_base=") for o in overrides):
+        # separate copies unless asked: a shared base puts adapters on the teacher's own
+        # denoiser, so those tests build on a fresh adapter (fresh_adapter), never the session's
+        overrides = ("student.shared_base=false", *overrides)
     cfg = load_config(path, ["train.gradient_checkpointing=false", *overrides])
     return get_recipe(name)(cfg, adapter)
 
