@@ -99,6 +99,21 @@ class OutputCheck:
         return max_abs, rel_rms, ok
 
 
+def _default_to_fp32(pipeline_dir: Path) -> None:
+    """transformers 5 loads a text encoder in the dtype its config names, diffusers its own
+    models in fp32 unless told: a bf16 export opened with a plain ``from_pretrained(dir)`` got a
+    bf16 CLIP feeding an fp32 UNet, and the SD pipelines (which do not cast the embeddings)
+    failed with "mat1 and mat2 must have the same dtype". Naming float32 as the text encoders'
+    default load dtype makes a plain load fp32 throughout, as the Hub's fp32 checkpoints load;
+    the weights stay in the teacher's dtype on disk, and ``torch_dtype=`` still decides."""
+    for config_file in pipeline_dir.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in config]
+        if "architectures" in config and keys:  # a transformers model
+            config.update(dict.fromkeys(keys, "float32"))
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _check_weights(reloaded: nn.Module, merged: nn.Module) -> None:
     """The saved denoiser is the merged student, bit for bit (a lost LoRA scale, a dtype slip
     or a dropped key shows here even where half-precision rounding hides it in the outputs)."""
@@ -171,6 +186,7 @@ def export_student(
     try:
         pipe = teacher.pipeline_for_export(merged)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _default_to_fp32(tmp)
         calls = {str(k): {**call_arguments(teacher, k), "guidance_scale": 0.0} for k in shipped}
         meta = {**calls[str(steps)], "calls": calls, **(metadata or {})}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))

@@ -8,6 +8,13 @@ score, kappa_2 = kappa_3 evaluate it, kappa_4 guides the teacher); the few-step 
 Anti-CFG and the SiDA adversarial term follow "Few-Step Diffusion via Score identity
 Distillation" (Zhou, Gu, Wang 2025, arXiv:2505.12674). Reference code: mingyuanzhou/SiD-LSG
 (training/sid_training_loop.py) and the SiD-DiT loop for flow-matching teachers.
+
+Where we differ on purpose: with ``student.start_timestep`` (SiD-LSG's t_init) the generator's
+input is unit-variance noise z at t_init, where SiD-LSG feeds add_noise(0, z, t_init) = sigma_t z
+(0.9286 z at 625). The exported LCMScheduler pipeline feeds z itself (its init_noise_sigma is 1)
+and plain diffusers cannot scale it, so training does what the export can reproduce; z also has
+the variance of the teacher's marginal at t_init (alpha_t^2 + sigma_t^2 = 1), sigma_t z has 0.86.
+A digits row comparing the two inputs is still owed (issue 14, item 8).
 """
 
 from __future__ import annotations

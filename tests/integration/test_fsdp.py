@@ -131,8 +131,9 @@ def test_export_is_the_gathered_ema_generator_and_samples_in_one_step(runs):
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
     names = [n for n, _ in pipe.unet.named_parameters()]  # full student: every weight trained
     assert len(names) == len(ema["shadow_params"])
-    exported = dict(pipe.unet.named_parameters())
-    dtype = pipe.unet.dtype  # the teacher's (bf16 under --smoke): the EMA rounded to it
+    # as stored: in the teacher's dtype (bf16 under --smoke), the EMA rounded to it
+    exported = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    dtype = next(iter(exported.values())).dtype
     shadows = dict(zip(names, ema["shadow_params"]))
     assert all(torch.equal(exported[n], shadows[n].to(dtype)) for n in names)
     trained = rank_weights(dump)[0]

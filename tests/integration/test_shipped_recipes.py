@@ -129,6 +129,10 @@ def test_shipped_recipe_runs_as_on_a_gpu(smoke, name):
         assert np.isfinite(images).all()
     if steps > 1:
         assert not np.allclose(samples[steps], samples[1])
+    # a plain from_pretrained(dir), no torch_dtype: one dtype throughout (fp32), and it samples
+    plain = DiffusionPipeline.from_pretrained(out / "pipeline")
+    dtypes = {m.dtype for m in plain.components.values() if isinstance(m, torch.nn.Module)}
+    assert dtypes == {torch.float32} and np.isfinite(_sample(plain, call["calls"]["1"])).all()
     card = (out / "pipeline" / "README.md").read_text()
     assert f"num_inference_steps={steps}" in card and cfg.recipe.name in card
 

@@ -24,7 +24,14 @@ def _trainer(tmp_path, recipe: str, *overrides: str):
 
     cfg = load_config(
         REPO / "recipes" / f"{recipe}_sd15.yaml",
-        [f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false", *overrides],
+        # batch 1 x 2 micro-batches: the accumulation path without sid_sd15's 128 rounds
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "logging.progress_bar=false",
+            "train.batch_size=1",
+            "train.grad_accumulation=2",
+            *overrides,
+        ],
     )
     (tmp_path / "run").mkdir()
     return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
