@@ -71,3 +71,28 @@ def test_a_scheduler_off_the_training_grid_fails(tiny_adapter, tmp_path, monkeyp
     monkeypatch.setattr(teacher, "pipeline_for_export", default_grid)
     with pytest.raises(ExportError, match="at 4 steps the exported scheduler samples"):
         export_student(teacher, trainable_copy(teacher.denoiser, "full"), tmp_path, steps=4)
+
+
+def test_a_few_step_sana_export_samples_its_grid_in_evaluation(tiny_adapter, tmp_path):
+    """SANA exports store the 4-step call's sigmas; evaluation (generate_images) passes them, so
+    the scheduler samples the trailing grid, not its own degenerate one ([1, .858, .602, .009])."""
+    from diffusers import DiffusionPipeline
+
+    from distillkit.evaluation.generate import export_sampling_kwargs, generate_images
+
+    teacher = tiny_adapter("sana")
+    export_student(teacher, trainable_copy(teacher.denoiser, "full"), tmp_path, steps=4)
+    assert export_sampling_kwargs(tmp_path / "pipeline", 4) == {"sigmas": [1.0, 0.75, 0.5, 0.25]}
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    real = pipe.scheduler.set_timesteps
+
+    def spy(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        seen.append(sigmas)  # retrieve_timesteps reads this signature for its `sigmas`
+        real(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+    pipe.scheduler.set_timesteps = spy
+    generate_images(pipe, ["a handwritten digit one"], steps=4, guidance=0.0, seed=0)
+    assert seen == [[1.0, 0.75, 0.5, 0.25]]
+    assert pipe.scheduler.sigmas[:4].tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5])
