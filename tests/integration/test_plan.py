@@ -78,3 +78,20 @@ def test_encoding_cache_takes_the_text_encoders_off_the_gpu():
     saved = plan_memory(plain).total - plan_memory(cached).total
     assert saved == pytest.approx(text * 2, rel=1e-6)  # bf16 teacher weights on a GPU
     assert plan_memory(cached, device="cpu").total == plan_memory(plain, device="cpu").total
+
+
+def test_lcm_lora_on_the_shared_base_counts_one_copy_of_the_unet():
+    """recipes/lcm_lora_sdxl.yaml (student.shared_base): the run holds the teacher's UNet once,
+    the adapter and no target copy; without the shared base, a bf16 copy of the base more."""
+    path = REPO / "recipes" / "lcm_lora_sdxl.yaml"
+    cfg = load_config(path)
+    assert cfg.student.shared_base
+
+    def generator_bytes(rows) -> float:
+        return next(v for k, v in rows if k.startswith("generator weights"))
+
+    shared = plan_memory(cfg).rows
+    separate = plan_memory(load_config(path, ["student.shared_base=false"])).rows
+    assert not any("target" in k for k, _ in shared)
+    unet = count_params(CONFIGS / "sdxl_base" / "unet")
+    assert generator_bytes(separate) - generator_bytes(shared) == pytest.approx(2 * unet)
