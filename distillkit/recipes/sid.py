@@ -11,10 +11,13 @@ Distillation" (Zhou, Gu, Wang 2025, arXiv:2505.12674). Reference code: mingyuanz
 
 Where we differ on purpose: with ``student.start_timestep`` (SiD-LSG's t_init) the generator's
 input is unit-variance noise z at t_init, where SiD-LSG feeds add_noise(0, z, t_init) = sigma_t z
-(0.9286 z at 625). The exported LCMScheduler pipeline feeds z itself (its init_noise_sigma is 1)
-and plain diffusers cannot scale it, so training does what the export can reproduce; z also has
-the variance of the teacher's marginal at t_init (alpha_t^2 + sigma_t^2 = 1), sigma_t z has 0.86.
-A digits row comparing the two inputs is still owed (issue 14, item 8).
+(0.9286 z at 625). The exported LCMScheduler pipeline feeds z itself (its init_noise_sigma is 1,
+not configurable) and computes x0 = (x - sigma_t eps) / alpha_t from that same z, so a student
+trained on sigma_t z cannot be exported for plain diffusers: folding sigma_t into the UNet's
+input convolution reproduces the network but not the scheduler's use of its input (tried: 7.6 %
+relative RMS off on the tiny teacher). Training does what the export reproduces; z also has the
+variance of the teacher's marginal at t_init (alpha_t^2 + sigma_t^2 = 1), sigma_t z has 0.86.
+A digits row comparing the two inputs is still owed (it needs a sampler outside the export).
 """
 
 from __future__ import annotations
