@@ -133,3 +133,33 @@ def test_resolution_must_divide_by_vae_factor():
     cfg = TeacherConfig(model_id=local, family="sd15", resolution=36)
     with pytest.raises(ConfigError, match="divisible by the VAE"):
         load_teacher(cfg, torch.device("cpu"))
+
+
+def test_sana_few_step_grids_are_real_few_step_grids(tiny_adapter, monkeypatch):
+    """FlowMatchLCMScheduler's own 2-step grid is [1000, 9] (shift 3): a 1-step student in
+    disguise. The adapter's: the trailing grid, shifted; with an LCM base grid, its points."""
+    adapter = tiny_adapter("sana")
+    assert adapter.schedule.shift == 3.0
+    assert adapter.generator_timesteps(2).tolist() == [1000.0, 750.0]
+    assert adapter.generator_timesteps(4).tolist() == [1000.0, 900.0, 750.0, 500.0]
+    monkeypatch.setattr(adapter, "grid_steps", 10)  # LCM, skipping step 100
+    grid = adapter.solver_timesteps(10).tolist()
+    assert set(adapter.generator_timesteps(4).tolist()) <= set(grid) and grid[0] == 1000.0
+
+
+def test_sana_sees_fp32_timesteps_in_bf16(tiny_adapter):
+    """A bf16 transformer gets the fp32 timestep SanaPipeline passes: cast to bf16, 733.3 would
+    become 732 (multiples of 4 in [512, 1024)) and the teacher would answer for another t."""
+    adapter = tiny_adapter("sana", dtype="bf16")
+    net = adapter.denoiser
+    seen = []
+    hook = net.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["timestep"]), with_kwargs=True
+    )
+    x = torch.zeros(1, *adapter.latent_shape())
+    t = torch.tensor([733.3])
+    with torch.no_grad():
+        adapter.forward(net, x, t, adapter.encode(["a handwritten digit one"]).cond)
+    hook.remove()
+    assert seen[0].dtype == torch.float32
+    assert float(seen[0]) == pytest.approx(733.3 * net.config.timestep_scale)

@@ -49,3 +49,14 @@ def test_the_rule_sees_a_misspelt_target():
     names = ["down_blocks.0.attn.to_q", "mid_block.resnets.0.conv1"]
     assert _matches(names, "to_q") == 1 and _matches(names, "conv1") == 1
     assert _matches(names, "to_qq") == 0 and _matches(names, "q") == 0
+
+
+def test_dmd2_sdxl_lora_is_the_reference_run():
+    """tianweiy/DMD2's SDXL LoRA run: rank 64, alpha 8 (scale 0.125), attention, feed-forward,
+    ResNet convs, samplers and time_emb_proj; a full fake score; lr 5e-5 for both."""
+    cfg = load_config(REPO / "recipes" / "dmd2_sdxl_lora.yaml")
+    lora = cfg.student.lora
+    assert (lora.rank, lora.alpha, cfg.recipe.fake_score) == (64, 8.0, "full")
+    assert {"conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+            "time_emb_proj", "to_q", "ff.net.2"} <= set(lora.target_modules)  # fmt: skip
+    assert cfg.recipe.lr == {"generator": 5e-5, "fake_score": 5e-5}
