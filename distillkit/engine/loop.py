@@ -594,10 +594,19 @@ class Trainer:
             "lora_max_abs_diff": report.lora_max_abs_diff,
             "lora_rel_rms": report.lora_rel_rms,
             "check": report.check,
+            "rounding_rel_rms": report.rounding_rel_rms,
             "teacher_dtype": str(self.teacher.dtype).removeprefix("torch."),
             "shipped_steps": list(report.shipped_steps),
         }
         (self.output_dir / "export.json").write_text(json.dumps(summary, indent=1))
+        if (report.rounding_rel_rms or 0) > cfg.export.relative_tolerance:
+            self.accelerator.print(
+                f"warning: the export's {summary['teacher_dtype']} weights round away part of "
+                f"training (relative RMS {report.rounding_rel_rms:.3g} of the denoiser output): "
+                "weight updates below half-precision resolution do not survive the cast"
+                + (" (lora/ on the teacher keeps them, unfused)" if report.lora_dir else "")
+                + "; expected after a few steps, a sign of too little training after many"
+            )
         return report
 
 
