@@ -138,12 +138,7 @@ def _check_grids(scheduler, teacher: TeacherAdapter, steps: tuple[int, ...]) -> 
     arguments it is shipped with (as the pipeline's ``retrieve_timesteps`` does), samples
     exactly the training-time grid."""
     for k in steps:
-        extra = teacher.sampling_call_kwargs(k)
-        if extra:
-            scheduler.set_timesteps(device=teacher.device, **extra)
-        else:
-            scheduler.set_timesteps(k, device=teacher.device)
-        got = scheduler.timesteps.float().to(teacher.device)
+        got = teacher.set_grid(scheduler, k).to(teacher.device)
         want = teacher.generator_timesteps(k)
         if got.shape != want.shape or not torch.equal(got, want):
             raise ExportError(

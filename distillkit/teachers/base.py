@@ -343,9 +343,12 @@ class TeacherAdapter:
         return c_skip.to(x0).reshape(shape) * x_t + c_out.to(x0).reshape(shape) * x0
 
     def generator_timesteps(self, steps: int) -> Tensor:
-        """The ``steps``-step grid, as the exported scheduler sets it from the pipeline's call
-        (``retrieve_timesteps``: explicit sigmas win over ``num_inference_steps``)."""
-        scheduler = self.export_scheduler()
+        """The ``steps``-step grid, as the exported scheduler samples it."""
+        return self.set_grid(self.export_scheduler(), steps)
+
+    def set_grid(self, scheduler, steps: int) -> Tensor:
+        """Set ``scheduler`` up for a ``steps``-step call with the arguments exports ship, as the
+        pipeline's ``retrieve_timesteps`` does (explicit sigmas win over the step count)."""
         extra = self.sampling_call_kwargs(steps)
         if extra:
             scheduler.set_timesteps(device=self.device, **extra)
