@@ -53,12 +53,14 @@ class CardInfo:
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def shipped_extras(call: dict[str, Any]) -> dict[str, Any]:
+    """A shipped call's arguments beyond steps and guidance (SANA's few-step ``sigmas``): what a
+    caller must add to reproduce the training grid (distillkit.json ``calls`` entries)."""
+    return {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+
+
 def _extra_args(info: CardInfo, steps: int) -> str:
-    extra = {
-        k: v
-        for k, v in info.calls.get(str(steps), {}).items()
-        if k not in ("num_inference_steps", "guidance_scale")
-    }
+    extra = shipped_extras(info.calls.get(str(steps), {}))
     return "".join(f", {k}={v!r}" for k, v in extra.items())
 
 

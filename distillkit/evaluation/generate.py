@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 
 from distillkit.errors import ConfigError
 from distillkit.export import EXPORT_META
+from distillkit.hub import shipped_extras
 
 # Denoiser components whose config.sample_size is the latent size (UNets, DiTs).
 _DENOISERS = ("unet", "transformer")
@@ -169,8 +170,7 @@ def export_sampling_kwargs(pipeline_dir: Path | str, steps: int) -> dict:
     meta = Path(pipeline_dir) / EXPORT_META
     if not meta.is_file():
         return {}
-    call = json.loads(meta.read_text()).get("calls", {}).get(str(steps), {})
-    return {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+    return shipped_extras(json.loads(meta.read_text()).get("calls", {}).get(str(steps), {}))
 
 
 @torch.no_grad()
