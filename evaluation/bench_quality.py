@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -216,11 +217,14 @@ def student_jobs(family: str, args) -> list[dict]:
     return jobs
 
 
-def score_students(family: str, args, grids: Path) -> list[dict]:
+def score_students(
+    family: str, args, grids: Path, rows: list[dict], saved: Callable[[], None]
+) -> None:
+    """Train and score each student into `rows`; `saved()` after each run, so a long bench that
+    is stopped keeps the rows it finished."""
     from distillkit.evaluation.digits_eval import evaluate_pipeline
     from distillkit.evaluation.generate import export_call_defaults, load_pipeline
 
-    rows = []
     for job in student_jobs(family, args):
         recipe, config, seconds = job["recipe"], job["config"], None
         rel = _rel(config) if config else None
@@ -234,6 +238,7 @@ def score_students(family: str, args, grids: Path) -> list[dict]:
         except Exception as err:  # a failed recipe is reported; the others still run
             print(f"[{family}] {recipe}: FAILED: {err}", flush=True)
             rows.append({"recipe": recipe, "family": family, "config": rel, "error": str(err)})
+            saved()
             continue
         for k in steps:
             grid = grids / f"{family}_{recipe}_student{k}.png" if k == 1 else None
@@ -243,7 +248,7 @@ def score_students(family: str, args, grids: Path) -> list[dict]:
             row.update(train_seconds=seconds, config=rel, pipeline=_rel(job["pipeline"]))
             rows.append(row)
             print(f"[{family}] {recipe} {k} step: acc {s['accuracy']:.3f}  fd {s['fd']:.1f}")
-    return rows
+        saved()
 
 
 def goal_verdict(student: dict, ref: dict) -> tuple[bool, str]:
@@ -381,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         by_steps, sweep = score_teacher(family, args, grids)
         results["teachers"][family] = by_steps
         results["teacher_guidance_sweep"][family] = sweep
-        results["students"] += score_students(family, args, grids)
+        save = lambda: write_results(results, args.out_dir)  # noqa: E731
+        score_students(family, args, grids, results["students"], save)
         combined_grid(family, grids)
         write_results(results, args.out_dir)
     print(f"wrote {args.out_dir / 'digits.json'} and {args.out_dir / 'digits.md'}")
