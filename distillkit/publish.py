@@ -55,8 +55,8 @@ def eval_rows(output_dir: Path) -> list[dict[str, Any]]:
 def card_for_run(output_dir: Path, repo_id: str | None) -> CardInfo | None:
     """The run's CardInfo rebuilt from run.yaml + pipeline/distillkit.json; None if not a run."""
     from distillkit.config import RunConfig
-    from distillkit.engine.cards import card_info
     from distillkit.evaluation.generate import export_call_defaults
+    from distillkit.export.card import card_info
 
     output_dir = Path(output_dir)
     run_file = output_dir / "run.yaml"

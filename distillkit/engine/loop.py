@@ -25,7 +25,6 @@ from torch.distributed.tensor import DTensor
 from distillkit.config import RunConfig
 from distillkit.data.sources import load_train_data
 from distillkit.engine.callbacks import default_callbacks
-from distillkit.engine.cards import card_info
 from distillkit.engine.debug import dump_rank_state
 from distillkit.engine.guards import (
     RunLock,
@@ -57,8 +56,8 @@ from distillkit.engine.sharding import (
 )
 from distillkit.engine.state import CheckpointDir, load_trainable
 from distillkit.errors import ConfigError
-from distillkit.export import ExportReport, export_student
-from distillkit.hub import write_model_card
+from distillkit.export import ExportReport
+from distillkit.export.run import export_run
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.registry import get_recipe
 from distillkit.students import trainable_parameters
@@ -562,52 +561,21 @@ class Trainer:
         return net
 
     def export(self) -> ExportReport | None:
-        cfg = self.cfg
+        """The end-of-training export (every rank: FSDP gathers), the same as `distillkit export`
+        makes from the last checkpoint."""
         generator = self.generator_for_export()
         if generator is None:
             return None
         if not all_finite(generator.parameters()):
             raise TrainingDiverged("the generator's weights are not finite; nothing was exported")
-        info = card_info(cfg, self.smoke)
-
-        def write_card(pipeline_dir: Path, steps: int) -> None:
-            info.num_inference_steps = steps
-            write_model_card(pipeline_dir, info)
-
-        report = export_student(
+        return export_run(
+            self.cfg,
             self.teacher,
             generator,
-            self.output_dir,
-            steps=self.recipe.export_steps,
-            verify=cfg.export.verify,
-            tolerance=cfg.export.tolerance,
-            relative_tolerance=cfg.export.relative_tolerance,
-            lora_file=cfg.export.lora_file,
-            write_card=write_card,
-            metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
+            self.recipe.export_steps,
+            smoke=self.smoke,
+            say=self.accelerator.print,
         )
-        summary = {
-            "pipeline": str(report.pipeline_dir),
-            "lora": str(report.lora_dir) if report.lora_dir else None,
-            "pipeline_max_abs_diff": report.pipeline_max_abs_diff,
-            "pipeline_rel_rms": report.pipeline_rel_rms,
-            "lora_max_abs_diff": report.lora_max_abs_diff,
-            "lora_rel_rms": report.lora_rel_rms,
-            "check": report.check,
-            "rounding_rel_rms": report.rounding_rel_rms,
-            "teacher_dtype": str(self.teacher.dtype).removeprefix("torch."),
-            "shipped_steps": list(report.shipped_steps),
-        }
-        (self.output_dir / "export.json").write_text(json.dumps(summary, indent=1))
-        if (report.rounding_rel_rms or 0) > cfg.export.relative_tolerance:
-            self.accelerator.print(
-                f"warning: the export's {summary['teacher_dtype']} weights round away part of "
-                f"training (relative RMS {report.rounding_rel_rms:.3g} of the denoiser output): "
-                "weight updates below half-precision resolution do not survive the cast"
-                + (" (lora/ on the teacher keeps them, unfused)" if report.lora_dir else "")
-                + "; expected after a few steps, a sign of too little training after many"
-            )
-        return report
 
 
 def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:

@@ -1,4 +1,5 @@
-"""`distillkit export RUN_DIR`: rebuild the run's networks, load a checkpoint, export again."""
+"""`distillkit export RUN_DIR`: rebuild the run's networks, load a checkpoint, and export it
+through the same ``export_run`` as the end of training (same files, card and metadata)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import torch
 import yaml
 
 from distillkit.config import RunConfig
-from distillkit.engine.cards import card_info
+from distillkit.engine.nanguard import GuardedEMA
 from distillkit.engine.state import CheckpointDir, load_trainable, verify
 from distillkit.errors import ConfigError
-from distillkit.export import ExportReport, export_student
-from distillkit.hub import write_model_card
+from distillkit.export import ExportReport
+from distillkit.export.run import export_run
 from distillkit.registry import get_recipe
 from distillkit.teachers.load import load_teacher
+
+EMA_STATE = "custom_checkpoint_0.pkl"  # accelerate's file for the one registered object
 
 
 def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
@@ -23,6 +26,7 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
         raise ConfigError(f"{run_dir} is not a distillkit run directory (no run.yaml)")
     saved = yaml.safe_load(run_file.read_text())
     cfg = RunConfig.model_validate(saved["config"])
+    cfg.output_dir = str(run_dir)  # the directory it was found in, wherever it was trained
     smoke = bool(saved.get("smoke"))
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.train.checkpoints_keep)
     if checkpoint is None:
@@ -39,28 +43,15 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
     recipe = get_recipe(cfg.recipe.name)(cfg, teacher)
     generator = recipe.generator_net()
     load_trainable(generator, path / f"{recipe.generator_role}.safetensors")
-    ema_file = path / "custom_checkpoint_0.pkl"
-    if cfg.train.ema.decay > 0 and cfg.train.ema.use_for_export and ema_file.is_file():
-        from diffusers.training_utils import EMAModel
-
+    ema_file = path / EMA_STATE
+    if cfg.train.ema.decay > 0 and cfg.train.ema.use_for_export:
+        if not ema_file.is_file():
+            raise ConfigError(
+                f"{path} is incomplete: no EMA state ({EMA_STATE}), and the run exports its EMA "
+                "weights (train.ema.use_for_export). Export another checkpoint with --checkpoint"
+            )
         params = [p for p in generator.parameters() if p.requires_grad]
-        ema = EMAModel(params, decay=cfg.train.ema.decay)
+        ema = GuardedEMA(params, decay=cfg.train.ema.decay)  # the class training checkpoints
         ema.load_state_dict(torch.load(ema_file, weights_only=True))
         ema.copy_to(params)
-    info = card_info(cfg, smoke)
-
-    def write_card(pipeline_dir: Path, steps: int) -> None:
-        info.num_inference_steps = steps
-        write_model_card(pipeline_dir, info)
-
-    return export_student(
-        teacher,
-        generator,
-        run_dir,
-        steps=recipe.export_steps,
-        verify=cfg.export.verify,
-        tolerance=cfg.export.tolerance,
-        relative_tolerance=cfg.export.relative_tolerance,
-        lora_file=cfg.export.lora_file,
-        write_card=write_card,
-    )
+    return export_run(cfg, teacher, generator, recipe.export_steps, smoke=smoke)

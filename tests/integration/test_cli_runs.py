@@ -53,6 +53,41 @@ def test_resume_and_reexport(tmp_path):
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
+def _exported_files(run_dir: Path) -> dict[str, bytes]:
+    files = [p for d in ("pipeline", "lora") for p in (run_dir / d).rglob("*") if p.is_file()]
+    out = {str(p.relative_to(run_dir)): p.read_bytes() for p in files}
+    out["export.json"] = (run_dir / "export.json").read_bytes()
+    return out
+
+
+def test_reexport_writes_what_training_wrote(tmp_path):
+    """`distillkit export` goes through the same export as the end of training: the same file
+    list, card, metadata (distillkit.json), export.json and weights, byte for byte, for a LoRA
+    student exported from its EMA weights at several shipped step counts."""
+    out = tmp_path / "run"
+    distillkit(
+        "run",
+        "recipes/lcm_lora_sd15.yaml",
+        "--smoke",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.ema.decay=0.5",
+    )
+    trained = _exported_files(out)
+    meta = json.loads(trained["pipeline/distillkit.json"])
+    assert meta["recipe"] == "lcm" and meta["family"] == "sd15"
+    assert any(name.startswith("lora/") for name in trained)
+    for name in list(trained):
+        if name != "export.json":
+            (out / name).unlink()
+    (out / "export.json").unlink()
+    distillkit("export", str(out))
+    again = _exported_files(out)
+    assert sorted(again) == sorted(trained)
+    changed = [name for name in trained if again[name] != trained[name]]
+    assert not changed, f"the re-export differs from the trained export in {changed}"
+
+
 def test_embedding_cache_gives_the_same_run(tmp_path, tiny_adapter):
     """data.cache_dir precomputes text embeddings and image latents once; training is unchanged.
 

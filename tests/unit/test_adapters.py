@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from distillkit.export import VERIFY_PROMPT, _fixed_noise, pipeline_one_step
+from distillkit.export.pipeline import VERIFY_PROMPT, _fixed_noise, pipeline_one_step
 
 FAMILIES = ("sd15", "sdxl", "sana")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-import distillkit.export as export_module
+import distillkit.export.pipeline as export_module
 from distillkit.config import LoraConfigSection
 from distillkit.errors import ExportError
 from distillkit.export import export_student

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-import distillkit.export as export_module
+import distillkit.export.pipeline as export_module
 from distillkit.config import TeacherConfig
 from distillkit.errors import ConfigError, ExportError
 from distillkit.export import export_student

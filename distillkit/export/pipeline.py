@@ -153,7 +153,13 @@ def lora_state(net: nn.Module) -> tuple[dict, dict]:
     # module, while the legacy diffusers conversion only renames attention projections.
     owner, name = lora_owner(net)
     layers = get_peft_model_state_dict(owner, adapter_name=name)
-    return layers, owner.peft_config[name].to_dict()
+    # peft keeps target_modules as a set, whose order follows each process's string hashing:
+    # sorted, the same adapter gives the same file bytes in every process (export = re-export)
+    metadata = {
+        key: sorted(value) if isinstance(value, set) else value
+        for key, value in owner.peft_config[name].to_dict().items()
+    }
+    return layers, metadata
 
 
 @torch.no_grad()
