@@ -11,3 +11,7 @@ class ConfigError(DistillkitError):
 
 class ExportError(DistillkitError):
     """An export failed verification; the previous export (if any) is untouched."""
+
+
+class TrainingDiverged(DistillkitError):
+    """Losses or gradients became NaN/Inf and the configured policy says stop."""

@@ -17,13 +17,9 @@ import yaml
 from distillkit.config import RunConfig
 from distillkit.engine.optim import check_optimizer
 from distillkit.engine.state import CheckpointDir
-from distillkit.errors import ConfigError, DistillkitError
+from distillkit.errors import ConfigError
 
 LOCK_NAME = ".distillkit.lock"
-
-
-class TrainingDiverged(DistillkitError):
-    """Losses or gradients became NaN/Inf and the configured policy says stop."""
 
 
 def check_runtime(cfg: RunConfig) -> None:

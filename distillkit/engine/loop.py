@@ -28,7 +28,6 @@ from distillkit.engine.callbacks import default_callbacks
 from distillkit.engine.debug import dump_rank_state
 from distillkit.engine.guards import (
     RunLock,
-    TrainingDiverged,
     all_finite,
     check_resume_config,
     check_runtime,
@@ -38,7 +37,7 @@ from distillkit.engine.guards import (
     use_xformers,
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
-from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker
+from distillkit.engine.nanguard import GuardedEMA, NanPolicy
 from distillkit.engine.optim import (
     build_optimizer,
     clip_divisor,
@@ -55,7 +54,7 @@ from distillkit.engine.sharding import (
     make_accelerator,
 )
 from distillkit.engine.state import CheckpointDir, load_trainable
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, TrainingDiverged
 from distillkit.export import ExportReport
 from distillkit.export.run import export_run
 from distillkit.recipes.base import Batch, Recipe
@@ -179,8 +178,8 @@ class Trainer:
             self.optimizers[name], self.schedulers[name] = opt, sched
         # FSDP2 replaces parameters in prepare(): switch, clip and average the prepared ones
         self.params = {n: trainable_parameters(self.recipe.roles[n]) for n in names}
-        self.nonfinite = NonfiniteTracker(acc.device)
-        self.rollbacks, self.last_bad = 0, -1  # deferred NaN guard: failures without progress
+        self.nan = NanPolicy(cfg.nan_policy, cfg.nan_max_skips, cfg.rollback_lr_factor, acc.device)
+        self.nonfinite = self.nan.tracker
         self.ema = None
         if cfg.ema.decay > 0:
             self.ema = GuardedEMA(self.params[self.recipe.generator_role], decay=cfg.ema.decay)
@@ -309,6 +308,7 @@ class Trainer:
                 # GradScaler sets found_inf itself (its own inf check on the scaled gradients).
                 elif grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     opt.zero_grad(set_to_none=True)
+                    self.nonfinite.record(step, torch.ones((), device=acc.device))
                     return None
                 else:
                     opt.step()
@@ -329,7 +329,8 @@ class Trainer:
                 sched.step()
         if bad is not None:
             logs["_applied"] = 1.0 - bad  # _reduce leaves skipped steps out of the averages
-            self.nonfinite.record(step, bad)
+        # a good step ends a run of bad ones (the counters stay on the device: no sync)
+        self.nonfinite.record(step, bad if bad is not None else torch.zeros((), device=acc.device))
         return logs
 
     def smoke_substitutions(self) -> str:
@@ -362,60 +363,27 @@ class Trainer:
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # replicated: no comm
 
     def check_nonfinite(self, step: int) -> int | None:
-        """Read the device-side NaN counters (one sync; called only where the loop syncs anyway:
-        logging, before a checkpoint, at the end) and apply train.nan_policy as the old
-        per-update guard did. Returns the step to continue from after a rollback, else None."""
-        cfg, acc = self.cfg.train, self.accelerator
-        seen = self.nonfinite.read()
-        if seen.count == 0:
-            if step > self.last_bad:  # only progress past the failure clears the count
-                self.rollbacks = 0
+        """Apply train.nan_policy to what the device counters saw (one sync; called only where
+        the loop syncs anyway: logging, before a checkpoint, at the end, and at once on the
+        host-sync fallback). Returns the step to continue from after a rollback, else None."""
+        decision = self.nan.check(step)  # raises when the policy stops
+        if decision is None:
             return None
-        where = f"{seen.where}, seen at the check after step {step}"
-        if cfg.nan_policy == "stop":
-            raise TrainingDiverged(
-                f"{where}; stopped before any checkpoint of it was written. Lower recipe.lr, "
-                "raise train.max_grad_norm headroom, or set train.nan_policy=rollback"
+        if decision.action == "skip":
+            self.accelerator.print(
+                f"warning: {decision.where}; update skipped (train.nan_policy=skip)"
             )
-        if cfg.nan_policy == "skip":
-            if seen.longest_run >= cfg.nan_max_skips:
-                raise TrainingDiverged(
-                    f"{where} ({seen.longest_run} consecutive); stopped. Lower recipe.lr, raise "
-                    "train.max_grad_norm headroom, or set train.nan_policy=rollback"
-                )
-            acc.print(f"warning: {where}; update skipped (train.nan_policy=skip)")
-            self.nonfinite.reset(keep_run=True)
             return None
-        self.rollbacks += 1
-        self.last_bad = max(self.last_bad, seen.last)
-        self.nonfinite.reset(keep_run=False)
-        return self.roll_back(where, self.rollbacks)
+        return self.roll_back(decision.where)
 
-    def handle_nonfinite(self, step: int, skipped: int) -> int:
-        """Apply train.nan_policy; returns the step to continue from."""
+    def roll_back(self, where: str) -> int:
+        """train.nan_policy=rollback: the latest checkpoint, with lower rates."""
         cfg, acc = self.cfg.train, self.accelerator
-        where = f"step {step}: a loss or gradient became NaN/Inf"
-        if cfg.nan_policy == "stop" or skipped >= cfg.nan_max_skips:
-            raise TrainingDiverged(
-                f"{where} ({skipped} consecutive); stopped. Lower recipe.lr, raise "
-                "train.max_grad_norm headroom, or set train.nan_policy=rollback"
-            )
-        if cfg.nan_policy == "skip":
-            acc.print(f"warning: {where}; update skipped (train.nan_policy=skip)")
-            return step + 1
-        return self.roll_back(where, skipped)
-
-    def roll_back(self, where: str, failures: int) -> int:
-        """train.nan_policy=rollback: the latest checkpoint, with lower rates; stop after
-        train.nan_max_skips failures without progress past them."""
-        cfg, acc = self.cfg.train, self.accelerator
-        if failures >= cfg.nan_max_skips:
-            raise TrainingDiverged(
-                f"{where} ({failures} consecutive); stopped. Lower recipe.lr, raise "
-                "train.max_grad_norm headroom, or set train.nan_policy=rollback"
-            )
         if not self.load_latest():
-            raise TrainingDiverged(f"{where} and there is no checkpoint to roll back to")
+            raise TrainingDiverged(
+                f"{where} and there is no checkpoint to roll back to: lower "
+                "train.checkpoint_every, or use train.nan_policy=skip"
+            )
         # the checkpoint restores the original rates: apply every rollback's factor so far
         self.lr_scale *= cfg.rollback_lr_factor
         for name, opt in self.optimizers.items():
@@ -449,17 +417,15 @@ class Trainer:
         started, window = time.perf_counter(), time.perf_counter()
         pending: list[dict[str, torch.Tensor]] = []
         bar = progress_bar(cfg.logging.progress_bar and main)
-        total, step, skipped, last_bad = cfg.train.max_steps, self.start_step, 0, -1
+        total, step = cfg.train.max_steps, self.start_step
         with bar:
             task = bar.add_task(cfg.recipe.name, total=total, completed=step, speed="", losses="")
             while step < total:
                 logs = self.train_step(step)
-                if logs is None:
-                    skipped, last_bad = skipped + 1, max(last_bad, step)
-                    step = self.handle_nonfinite(step, skipped)
+                if logs is None:  # the host-sync fallback saw a bad update: decide now
+                    restart = self.check_nonfinite(step)
+                    step = step + 1 if restart is None else restart
                     continue
-                if step > last_bad:  # only progress past the failure clears the count
-                    skipped = 0
                 pending.append(logs)
                 step += 1
                 fault_point(f"after-step-{step}")

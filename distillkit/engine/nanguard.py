@@ -16,6 +16,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import Tensor
 
+from distillkit.errors import TrainingDiverged
+
 
 @torch.no_grad()
 def masked_lerp_(targets: Iterable[Tensor], sources: Iterable[Tensor], weight, ok=None) -> None:
@@ -162,3 +164,64 @@ class NonfiniteTracker:
     def read(self) -> NonfiniteReport:
         values = torch.stack([self.count, self.longest, self.first, self.last]).tolist()
         return NonfiniteReport(*(int(v) for v in values))
+
+
+@dataclass
+class NanDecision:
+    """What ``NanPolicy.check`` found: ``action`` is "skip" (the bad updates stay skipped, go
+    on) or "rollback" (reload the latest checkpoint at lower rates); ``where`` says which steps."""
+
+    action: str
+    where: str
+
+
+class NanPolicy:
+    """``train.nan_policy`` as one state machine, fed by the device counters whichever way a bad
+    update was found: the fused optimisers' device flag, read where the loop syncs anyway, or
+    the host-sync fallback of optimisers without ``found_inf``, read at once."""
+
+    def __init__(self, policy: str, max_failures: int, lr_factor: float, device) -> None:
+        self.policy, self.max_failures, self.lr_factor = policy, max_failures, lr_factor
+        self.tracker = NonfiniteTracker(device)
+        self.rollbacks = 0  # rollbacks since the loop last got past a failure
+        self.last_bad = -1
+
+    def remedy(self) -> str:
+        """What to change, for the policy the user is on."""
+        if self.policy == "rollback":
+            return (
+                f"Rolling back (each time at lr x{self.lr_factor:g}) did not get past it: lower "
+                "recipe.lr or train.max_grad_norm, or check the data at those steps"
+            )
+        return "Lower recipe.lr or train.max_grad_norm, or set train.nan_policy=rollback"
+
+    def check(self, step: int) -> NanDecision | None:
+        """Read the counters (one host sync). None when nothing went wrong since the last check;
+        raises ``TrainingDiverged`` when the policy says stop."""
+        seen = self.tracker.read()
+        if seen.count == 0:
+            if step > self.last_bad:  # only progress past the failure clears the count
+                self.rollbacks = 0
+            return None
+        where = f"{seen.where}, seen at the check after step {step}"
+        if self.policy == "stop":
+            raise TrainingDiverged(
+                f"{where}; stopped before any checkpoint of it was written. {self.remedy()}"
+            )
+        if self.policy == "skip":
+            if seen.longest_run >= self.max_failures:
+                raise TrainingDiverged(
+                    f"{where} ({seen.longest_run} consecutive skipped updates, "
+                    f"train.nan_max_skips={self.max_failures}); stopped. {self.remedy()}"
+                )
+            self.tracker.reset(keep_run=True)
+            return NanDecision("skip", where)
+        self.rollbacks += 1
+        self.last_bad = max(self.last_bad, seen.last)
+        self.tracker.reset(keep_run=False)
+        if self.rollbacks >= self.max_failures:
+            raise TrainingDiverged(
+                f"{where} ({self.rollbacks} consecutive rollbacks without getting past it, "
+                f"train.nan_max_skips={self.max_failures}); stopped. {self.remedy()}"
+            )
+        return NanDecision("rollback", where)

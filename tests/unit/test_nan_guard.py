@@ -192,3 +192,64 @@ def test_hot_path_has_no_host_sync(tmp_path, monkeypatch, recipe):
             assert logs is not None
     seen = trainer.nonfinite.read()  # the logging interval: now it may sync
     assert (seen.count, seen.first, seen.last) == (1, 2, 2)
+
+
+def _bad(policy, step: int) -> None:
+    policy.tracker.record(step, torch.ones(()))
+
+
+def _good(policy, step: int) -> None:
+    policy.tracker.record(step, torch.zeros(()))
+
+
+def test_nan_policy_skip_counts_consecutive_bad_updates_across_checks() -> None:
+    from distillkit.engine.nanguard import NanPolicy
+    from distillkit.errors import TrainingDiverged
+
+    policy = NanPolicy("skip", max_failures=3, lr_factor=0.5, device=torch.device("cpu"))
+    assert policy.check(0) is None
+    _bad(policy, 1)
+    _bad(policy, 2)
+    decision = policy.check(2)
+    assert decision.action == "skip" and "steps 1-2" in decision.where
+    _good(policy, 3)  # a good update ends the run: two more bad ones are still allowed
+    _bad(policy, 4)
+    _bad(policy, 5)
+    assert policy.check(5).action == "skip"
+    _bad(policy, 6)  # third in a row (5 was carried over): stop, with the skip-policy remedy
+    with pytest.raises(TrainingDiverged, match="3 consecutive") as err:
+        policy.check(6)
+    assert "set train.nan_policy=rollback" in str(err.value)
+
+
+def test_nan_policy_rollback_stops_after_repeated_rollbacks_without_progress() -> None:
+    from distillkit.engine.nanguard import NanPolicy
+    from distillkit.errors import TrainingDiverged
+
+    policy = NanPolicy("rollback", max_failures=2, lr_factor=0.5, device=torch.device("cpu"))
+    _bad(policy, 3)
+    assert policy.check(3).action == "rollback"
+    _good(policy, 2)
+    assert policy.check(2) is None  # replaying the steps before the failure is no progress
+    assert policy.rollbacks == 1
+    _good(policy, 4)
+    assert policy.check(4) is None and policy.rollbacks == 0  # got past step 3: count cleared
+    _bad(policy, 5)
+    assert policy.check(5).action == "rollback"
+    _bad(policy, 5)
+    with pytest.raises(TrainingDiverged, match="2 consecutive rollbacks") as err:
+        policy.check(5)
+    message = str(err.value)
+    assert "nan_policy=rollback" not in message and "lr x0.5" in message  # right for its policy
+
+
+def test_nan_policy_stop_raises_at_the_first_bad_update() -> None:
+    from distillkit.engine.nanguard import NanPolicy
+    from distillkit.errors import TrainingDiverged
+
+    policy = NanPolicy("stop", max_failures=10, lr_factor=0.5, device=torch.device("cpu"))
+    _good(policy, 0)
+    assert policy.check(0) is None
+    _bad(policy, 1)
+    with pytest.raises(TrainingDiverged, match="step 1: a loss or gradient became NaN"):
+        policy.check(1)
