@@ -46,10 +46,13 @@ SHARDED = {"none": (), "fsdp": ("w", "g", "o"), "zero3": ("w", "g", "o"), "zero2
 @dataclass
 class Role:
     name: str
-    kind: str  # full | lora
+    kind: str  # full | lora | frozen
     base: int  # denoiser parameters in this role's own copy (0 with a shared base)
     trainable: int
     head: int = 0  # GAN head parameters (trained with the role)
+    lora: tuple | None = None  # (rank, alpha, target modules) of a LoRA role
+    forwards: int = 1  # network passes one update keeps activations of
+    through: tuple[str, ...] = ()  # frozen networks its loss back-propagates through
 
 
 @dataclass
@@ -85,24 +88,27 @@ def _head_params(folder) -> int:
 
 
 def _roles(cfg, dirs, denoiser_params: int) -> list[Role]:
-    """The recipe's trainable networks: `recipe.lr` names them; kinds follow the config."""
-    rc, st = cfg.recipe, cfg.student
+    """The recipe's networks as the recipe declares them (``Recipe.footprint``): nothing here
+    guesses from config field names, so a new recipe is planned as it is built."""
+    from distillkit.registry import get_recipe
+
     folder = _denoiser_dir(dirs)
-    lora = None
     roles = []
-    for name in rc.lr:
-        kind = st.type if name == "generator" else getattr(rc, name, "full")
-        kind = kind if kind in ("full", "lora") else "full"
-        if kind == "lora" and lora is None:
-            sl = st.lora
-            lora = _lora_params(folder, sl.rank, sl.alpha, tuple(sl.target_modules))
-        trainable = denoiser_params if kind == "full" else lora
-        base = 0 if (kind == "lora" and st.shared_base) else denoiser_params
-        gan = name == "fake_score" and getattr(rc, "gan", False)
-        head = _head_params(folder) if gan else 0
-        roles.append(Role(name, kind, base, trainable, head))
-    if getattr(rc, "target_ema_decay", None) is not None and st.type == "full":
-        roles.append(Role("ema target", "frozen", denoiser_params, 0))
+    for fp in get_recipe(cfg.recipe.name).footprint(cfg):
+        if fp.kind == "frozen":
+            roles.append(Role(fp.name, "frozen", denoiser_params, 0))
+            continue
+        lora = None
+        if fp.kind == "lora":
+            lora = (fp.lora.rank, fp.lora.alpha, tuple(fp.lora.target_modules))
+            trainable = _lora_params(folder, *lora)
+        else:
+            trainable = denoiser_params
+        base = 0 if fp.shared_base else denoiser_params
+        head = _head_params(folder) if fp.gan_head else 0
+        roles.append(
+            Role(fp.name, fp.kind, base, trainable, head, lora, fp.forwards, fp.backprop_through)
+        )
     return roles
 
 
@@ -123,26 +129,19 @@ def _trace(folder, lora: tuple | None, latent: int, input_grad: bool) -> tuple[i
 
 
 def _activations(cfg, dirs, roles: list[Role], latent: int, batch: int) -> float:
-    """Saved bytes of the worst phase: DMD2/SiD's generator step also back-propagates through the
-    frozen fake score (GAN / SiD term); a GAN discriminator step runs the fake score twice."""
-    ckpt, rc = cfg.train.gradient_checkpointing, cfg.recipe
+    """Saved bytes of the worst update: the role's own passes (``forwards`` of them: a GAN
+    discriminator step runs its network on fake and real), plus an input-gradient pass through
+    each frozen network its loss back-propagates through (DMD2's GAN term, SiD's scores, APT)."""
+    ckpt = cfg.train.gradient_checkpointing
     folder = dirs[next(d for d in DENOISERS if d in dirs)]
-    sl = cfg.student.lora
-    lora = (sl.rank, sl.alpha, tuple(sl.target_modules))
     pick = 1 if ckpt else 0
-    phases = []
-    for role in roles:
-        if role.kind == "frozen":
-            continue
-        own = _trace(folder, lora if role.kind == "lora" else None, latent, False)[pick]
-        if role.name == "fake_score" and getattr(rc, "gan_discriminator_weight", 0) > 0:
-            own *= 2
-        phases.append((role.name, own))
-    through_fake = getattr(rc, "gan_generator_weight", 0) > 0 or rc.name == "sid"
-    if through_fake and any(r.name == "fake_score" for r in roles):
-        extra = _trace(folder, None, latent, True)[pick]
-        phases = [(n, b + extra if n == "generator" else b) for n, b in phases]
-    saved = max(b for _, b in phases) * batch
+    through = _trace(folder, None, latent, True)[pick] if any(r.through for r in roles) else 0
+    phases = [
+        _trace(folder, r.lora, latent, False)[pick] * r.forwards + through * len(r.through)
+        for r in roles
+        if r.kind != "frozen"
+    ]
+    saved = max(phases) * batch
     if cfg.train.mixed_precision != "no":
         saved *= BF16_ACT
     return saved * (ACT_K_CKPT if ckpt else ACT_K) + ACT_C
@@ -173,7 +172,7 @@ def plan_memory(cfg, *, device: str = "cuda", sharding: str = "none", gpus: int 
     n = max(gpus, 1)
     split = {k: (n if k in SHARDED[sharding] else 1) for k in "wgo"}
     for r in roles:
-        what = {"full": "full fp32 copy", "lora": "LoRA", "frozen": "fp32 copy"}[r.kind]
+        what = {"full": "full fp32 copy", "lora": "LoRA", "frozen": "frozen fp32 copy"}[r.kind]
         if r.kind == "lora":
             what += " on the shared base" if r.base == 0 else " + base copy in the teacher's dtype"
         if r.kind == "lora":
@@ -245,7 +244,8 @@ def lever_configs(cfg, sharding: str) -> list[tuple[str, object, str, int]]:
         lora["recipe__fake_score"] = "lora"
     out, everything = [], {}
     if "lora" in allowed and cfg.student.type != "lora":
-        out.append(("LoRA student (student.type=lora, recipe.fake_score=lora)", lora))
+        settings = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in lora.items())
+        out.append((f"LoRA student ({settings})", lora))
     if "lora" in allowed and not cfg.student.shared_base:
         shared = {**lora, "student__shared_base": True}
         out.append(("adapter-shared base (student.shared_base=true)", shared))

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from distillkit.errors import ConfigError
-from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.base import Batch, Recipe, RoleFootprint
 from distillkit.recipes.gan import (
     DiscriminatorHead,
     gan_discriminator_loss,
@@ -218,6 +218,24 @@ class APT(Recipe):
         channels = [blocks[i][1] for i in taps]
         disc = Discriminator(d_net, taps, channels, cfg.head_width)
         self.roles["discriminator"] = disc.to(teacher.device)
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        # both networks are copies (no shared base): the generator may start from another
+        # export, and D trains whole; D's small per-depth heads are not counted
+        kind, lora = run_cfg.student.type, run_cfg.student.lora
+        d_kind = run_cfg.recipe.discriminator
+        return [
+            RoleFootprint(
+                "generator",
+                kind,
+                lora=lora if kind == "lora" else None,
+                backprop_through=("discriminator",),
+            ),
+            RoleFootprint(
+                "discriminator", d_kind, lora=lora if d_kind == "lora" else None, forwards=2
+            ),
+        ]
 
     @classmethod
     def needs_images(cls, cfg: APTConfig) -> bool:

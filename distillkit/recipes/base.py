@@ -7,7 +7,7 @@ recipe owns the networks it trains and the math. It never sees optimisers, devic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +47,48 @@ class Batch:
         return int(torch.randint(k, (1,), generator=gen))
 
 
+@dataclass(frozen=True)
+class RoleFootprint:
+    """One network a recipe holds, as ``distillkit plan`` needs to know it without building it.
+
+    ``kind``: "full" (every weight trains), "lora" (an adapter trains; ``lora`` is its
+    rank/alpha/targets section) or "frozen" (a copy that only follows, e.g. LCM's EMA target).
+    ``shared_base``: the adapter sits on the teacher's own denoiser (no copy of the base).
+    ``gan_head``: a trainable GAN head on the network's features. ``forwards``: network passes
+    whose activations one update keeps (a discriminator on real and fake: 2).
+    ``backprop_through``: frozen-at-that-step roles the update's loss back-propagates through.
+    """
+
+    name: str
+    kind: Literal["full", "lora", "frozen"]
+    lora: Any = None
+    shared_base: bool = False
+    gan_head: bool = False
+    forwards: int = 1
+    backprop_through: tuple[str, ...] = ()
+
+
+def student_role(run_cfg, name: str = "generator", **extra) -> RoleFootprint:
+    """The student's footprint: ``student.type`` with ``student.lora``, on the shared base if
+    configured (every recipe's generator is built this way)."""
+    return peer_role(run_cfg, name, run_cfg.student.type, run_cfg.student.lora, **extra)
+
+
+def peer_role(run_cfg, name: str, kind: str, lora, **extra) -> RoleFootprint:
+    """A role built like the student from the teacher's denoiser (role_networks)."""
+    is_lora = kind == "lora"
+    return RoleFootprint(
+        name,
+        kind,
+        lora=lora if is_lora else None,
+        shared_base=is_lora and run_cfg.student.shared_base,
+        **extra,
+    )
+
+
 class Recipe:
-    """Subclasses set ``config_class`` and build their role networks in ``__init__``."""
+    """Subclasses set ``config_class``, build their role networks in ``__init__`` and declare
+    them in ``footprint`` (what ``distillkit plan`` reads; a test holds the two equal)."""
 
     config_class: ClassVar[type]
     generator_role: ClassVar[str] = "generator"
@@ -57,6 +97,12 @@ class Recipe:
     def needs_images(cls, cfg) -> bool:
         """Whether this configuration trains on real images (checked before any weights load)."""
         return False
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        """The networks this configuration holds: the trainable roles in ``roles`` order, then
+        frozen copies (``state_modules``)."""
+        raise NotImplementedError(f"{cls.__name__} does not declare its footprint")
 
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         self.run_cfg = run_cfg

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.base import Batch, Recipe, RoleFootprint, peer_role, student_role
 from distillkit.recipes.gan import (
     gan_discriminator_loss,
     gan_generator_loss,
@@ -104,6 +104,22 @@ class DMD2(Recipe):
         self.roles["generator"], self.roles["fake_score"] = generator_and_fake_score(
             run_cfg, teacher, self.cfg.fake_score, self.cfg.gan
         )
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        cfg = run_cfg.recipe
+        through_fake = ("fake_score",) if cfg.gan_generator_weight > 0 else ()
+        return [
+            student_role(run_cfg, backprop_through=through_fake),
+            peer_role(
+                run_cfg,
+                "fake_score",
+                cfg.fake_score,
+                run_cfg.student.lora,
+                gan_head=cfg.gan,
+                forwards=2 if cfg.gan_discriminator_weight > 0 else 1,  # fake + real logits
+            ),
+        ]
 
     @classmethod
     def needs_images(cls, cfg: DMD2Config) -> bool:

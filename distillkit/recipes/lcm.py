@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distillkit.engine.nanguard import masked_lerp_
 from distillkit.errors import ConfigError
-from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.base import Batch, Recipe, RoleFootprint, student_role
 from distillkit.recipes.gan import unwrap
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
@@ -144,6 +144,13 @@ class LCM(Recipe):
         # the export samples k of these points, as the student learnt them (diffusers' LCM
         # scripts: original_inference_steps = num_ddim_timesteps)
         teacher.use_sampling_grid(steps)
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        roles = [student_role(run_cfg)]
+        if run_cfg.student.type == "full":  # the EMA target, a frozen copy (state_modules)
+            roles.append(RoleFootprint("target", "frozen"))
+        return roles
 
     @classmethod
     def needs_images(cls, cfg: LCMConfig) -> bool:

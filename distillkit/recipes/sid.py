@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.base import Batch, Recipe, RoleFootprint, peer_role, student_role
 from distillkit.recipes.dmd2 import denoising_loss
 from distillkit.recipes.gan import (
     gan_discriminator_loss,
@@ -151,6 +151,22 @@ class SiD(Recipe):
         self.roles["generator"], self.roles["fake_score"] = generator_and_fake_score(
             run_cfg, teacher, self.cfg.fake_score, self.cfg.gan
         )
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        cfg = run_cfg.recipe
+        return [
+            # SiD's generator loss differentiates through the fake score's output
+            student_role(run_cfg, backprop_through=("fake_score",)),
+            peer_role(
+                run_cfg,
+                "fake_score",
+                cfg.fake_score,
+                run_cfg.student.lora,
+                gan_head=cfg.gan,
+                forwards=2 if cfg.gan_discriminator_weight > 0 else 1,
+            ),
+        ]
 
     @classmethod
     def needs_images(cls, cfg: SiDConfig) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from distillkit.recipes.base import Batch, Recipe
+from distillkit.recipes.base import Batch, Recipe, RoleFootprint, peer_role, student_role
 from distillkit.recipes.clip_loss import load_clip_guide
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
@@ -124,6 +124,16 @@ def lora_denoising_loss(eps_pred: Tensor, eps: Tensor, alpha: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- recipe
 
 
+def _fake_lora(run_cfg):
+    """The fake score's own LoRA section (SwiftBrush: rank 64 on attention, not the student's)."""
+    from distillkit.config import LoraConfigSection  # config imports the recipes
+
+    cfg = run_cfg.recipe
+    return LoraConfigSection(
+        rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules
+    )
+
+
 @register_recipe
 class SwiftBrush(Recipe):
     """VSD generator + LoRA fake score; with ``clip_model`` set, SwiftBrush v2's clamped CLIP
@@ -135,12 +145,8 @@ class SwiftBrush(Recipe):
 
     def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
-        from distillkit.config import LoraConfigSection  # config imports the recipes
-
         cfg, student = self.cfg, run_cfg.student
-        fake_lora = LoraConfigSection(
-            rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules
-        )
+        fake_lora = _fake_lora(run_cfg)
         nets = role_networks(
             teacher.denoiser,
             {"generator": (student.type, student.lora), "fake_score": ("lora", fake_lora)},
@@ -151,6 +157,15 @@ class SwiftBrush(Recipe):
         self.clip = None  # frozen and not a role: never optimised or checkpointed
         if cfg.use_clip:
             self.clip = load_clip_guide(cfg.clip_model, cfg.clip_weights, teacher.device)
+
+    @classmethod
+    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+        # VSD's generator gradient is computed without autograd through either score network;
+        # the optional CLIP term back-propagates through the VAE decoder and CLIP (not counted)
+        return [
+            student_role(run_cfg),
+            peer_role(run_cfg, "fake_score", "lora", _fake_lora(run_cfg)),
+        ]
 
     def schedule(self, step: int) -> list[str]:
         return ["generator", "fake_score"]  # the reference's order, on the same samples
