@@ -79,12 +79,15 @@ def _lora_params(folder, rank: int, alpha: float, targets: tuple) -> int:
     return sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
 
 
-def _head_params(folder) -> int:
+def _head_params(folder, width: int) -> int:
+    """One GAN head's parameters on the denoiser's widest features (APT's shallower taps are
+    narrower: an upper bound there)."""
     from distillkit.recipes.gan import DiscriminatorHead
 
     c = json.loads((folder / "config.json").read_text())
-    width = (c.get("block_out_channels") or [None])[-1]
-    return n_params(DiscriminatorHead(width or c["num_attention_heads"] * c["attention_head_dim"]))
+    channels = (c.get("block_out_channels") or [None])[-1]
+    channels = channels or c["num_attention_heads"] * c["attention_head_dim"]
+    return n_params(DiscriminatorHead(channels, width))
 
 
 def _roles(cfg, dirs, denoiser_params: int) -> list[Role]:
@@ -105,7 +108,7 @@ def _roles(cfg, dirs, denoiser_params: int) -> list[Role]:
         else:
             trainable = denoiser_params
         base = 0 if fp.shared_base else denoiser_params
-        head = _head_params(folder) if fp.gan_head else 0
+        head = fp.heads * _head_params(folder, fp.head_width)
         roles.append(
             Role(fp.name, fp.kind, base, trainable, head, lora, fp.forwards, fp.backprop_through)
         )

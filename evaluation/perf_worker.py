@@ -27,7 +27,7 @@ import psutil
 import torch
 
 from distillkit.cli import quiet_libraries
-from distillkit.recipes.apt import Discriminator
+from distillkit.recipes.gan import TappedBackbone
 
 MB = 2**20
 
@@ -192,9 +192,10 @@ def record_passes(trainer, steps) -> list[tuple]:
         def recorded(*args, **kwargs):
             if depth[0] == 0:
                 keep = lambda t: t.detach().clone().requires_grad_(t.requires_grad)  # noqa: E731
+                capturing = bool(getattr(obj, "capturing", False))
                 calls.append(
                     ("call", label, obj, method, _tree(args, keep), _tree(kwargs, keep),
-                     torch.is_grad_enabled())
+                     torch.is_grad_enabled(), capturing)
                 )  # fmt: skip
             depth[0] += 1
             try:
@@ -235,7 +236,7 @@ def passes_summary(calls, steps: int) -> dict[str, str]:
     out: dict[str, list[str]] = {}
     for call in calls:
         if call[0] == "call":
-            _, label, _, method, args, kwargs, grad = call
+            _, label, _, method, args, kwargs, grad, _ = call
             batch = next((t.shape[0] for t in _leaves((args, kwargs)) if t.ndim >= 2), "?")
             out.setdefault(label, []).append(f"{method}(batch {batch}{', grad' if grad else ''})")
     return {
@@ -262,18 +263,21 @@ def bare_replay(trainer, calls):
                     for p in ps:
                         p.grad = None
             else:
-                _, _, obj, method, args, kwargs, grad = call
+                _, _, obj, method, args, kwargs, grad, capturing = call
                 fresh = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
-                # APT's discriminator leaves its heads' logits in .logits; DMD2/SiD's FakeScore
-                # also has .logits (its optional GAN head) but returns the score, which must be
-                # replayed with its backward
-                side = isinstance(obj, Discriminator)
-                if side:
-                    obj.adapter = trainer.teacher  # as apt.discriminate sets it for a call
-                with torch.set_grad_enabled(grad):
-                    out = getattr(obj, method)(*_tree(args, fresh), **_tree(kwargs, fresh))
-                if side:
-                    out, obj.adapter, obj.logits = obj.logits, None, None
+                # a call made for GAN logits (call_with_logits) is replayed with its heads on:
+                # the logits join the outputs that the replay back-propagates
+                tapped = isinstance(obj, TappedBackbone) and capturing
+                if tapped:
+                    obj.capturing = True
+                try:
+                    with torch.set_grad_enabled(grad):
+                        out = getattr(obj, method)(*_tree(args, fresh), **_tree(kwargs, fresh))
+                finally:
+                    if tapped:
+                        obj.capturing = False
+                if tapped:
+                    out, obj.logits = (out, obj.logits), None
                 outputs += [o for o in _leaves(out) if o.requires_grad]
         for ps in params.values():
             for p in ps:

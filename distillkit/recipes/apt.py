@@ -33,15 +33,15 @@ from torch import Tensor, nn
 from distillkit.errors import ConfigError
 from distillkit.recipes.base import Batch, Recipe, RoleFootprint
 from distillkit.recipes.gan import (
-    DiscriminatorHead,
+    TappedBackbone,
+    call_with_logits,
     gan_discriminator_loss,
     gan_generator_loss,
-    unwrap,
 )
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import plain_copy, trainable_copy
-from distillkit.teachers.base import Conditioning, TeacherAdapter, compute_dtype, tree_cat
+from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -97,63 +97,12 @@ def pick_depths(count: int, depths: Sequence[float]) -> list[int]:
 # ----------------------------------------------------------------------------- networks
 
 
-class Discriminator(nn.Module):
-    """A copy of the diffusion backbone plus one light head per tapped block.
-
-    Called like the denoiser (``teacher.forward(disc, ...)``) so a DDP/FSDP wrapper sees the
-    call; the heads run inside ``forward`` and the logits are left in ``self.logits``.
-    """
-
-    def __init__(self, net: nn.Module, taps: list[int], channels: list[int], width: int) -> None:
-        super().__init__()
-        self.net = net
-        self.taps = taps
-        self.heads = nn.ModuleList(DiscriminatorHead(c, width) for c in channels)
-        self.adapter: TeacherAdapter | None = None  # set only for the duration of a call
-        self.logits: Tensor | None = None
-
-    @property
-    def config(self):
-        return self.net.config  # families read the denoiser's config (e.g. SANA)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return compute_dtype(self.net)  # the backbone's, not the fp32 heads'
-
-    def forward(self, *args, **kwargs):
-        blocks = self.adapter.feature_blocks(self.net)
-        captured: dict[int, Tensor] = {}
-        hooks = [
-            blocks[i][0].register_forward_hook(
-                lambda _m, _in, out, i=i: captured.__setitem__(
-                    i, out[0] if isinstance(out, tuple) else out
-                )
-            )
-            for i in self.taps
-        ]
-        try:
-            out = self.net(*args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        feats = [self.adapter.features_to_map(captured[i]) for i in self.taps]
-        self.logits = torch.stack([h(f) for h, f in zip(self.heads, feats)]).mean(0)
-        return out
-
-
 def discriminate(
     teacher: TeacherAdapter, disc: nn.Module, x_t: Tensor, t: Tensor, kwargs: dict
 ) -> Tensor:
-    """Logits of ``disc`` (the role as the loop holds it, maybe wrapped) on noised inputs, with
-    ``kwargs`` the network conditioning (``Conditioning.cond``)."""
-    inner: Discriminator = unwrap(disc)
-    inner.adapter = teacher
-    try:
-        teacher.forward(disc, x_t, t, kwargs)
-    finally:
-        inner.adapter = None
-    logits, inner.logits = inner.logits, None
-    return logits
+    """Logits of the discriminator (a :class:`TappedBackbone` role, maybe wrapped) on noised
+    inputs, with ``kwargs`` the network conditioning (``Conditioning.cond``)."""
+    return call_with_logits(teacher, disc, x_t, t, kwargs)[1]
 
 
 def load_exported_denoiser(path: str, teacher: TeacherAdapter) -> nn.Module:
@@ -214,17 +163,17 @@ class APT(Recipe):
         del base
         d_net = trainable_copy(teacher.denoiser, cfg.discriminator, student.lora, ckpt)
         blocks = teacher.feature_blocks(d_net)
-        taps = pick_depths(len(blocks), cfg.feature_depths)
-        channels = [blocks[i][1] for i in taps]
-        disc = Discriminator(d_net, taps, channels, cfg.head_width)
+        taps = [blocks[i] for i in pick_depths(len(blocks), cfg.feature_depths)]
+        disc = TappedBackbone(d_net, taps, teacher.features_to_map, cfg.head_width)
         self.roles["discriminator"] = disc.to(teacher.device)
 
     @classmethod
     def footprint(cls, run_cfg) -> list[RoleFootprint]:
         # both networks are copies (no shared base): the generator may start from another
-        # export, and D trains whole; D's small per-depth heads are not counted
+        # export, and D trains whole, with one head per tapped depth
         kind, lora = run_cfg.student.type, run_cfg.student.lora
-        d_kind = run_cfg.recipe.discriminator
+        cfg = run_cfg.recipe
+        d_kind = cfg.discriminator
         return [
             RoleFootprint(
                 "generator",
@@ -233,7 +182,12 @@ class APT(Recipe):
                 backprop_through=("discriminator",),
             ),
             RoleFootprint(
-                "discriminator", d_kind, lora=lora if d_kind == "lora" else None, forwards=2
+                "discriminator",
+                d_kind,
+                lora=lora if d_kind == "lora" else None,
+                heads=len(set(cfg.feature_depths)),  # at most; pick_depths dedupes per network
+                head_width=cfg.head_width,
+                forwards=2,  # real and generated samples in one loss
             ),
         ]
 

@@ -54,7 +54,8 @@ class RoleFootprint:
     ``kind``: "full" (every weight trains), "lora" (an adapter trains; ``lora`` is its
     rank/alpha/targets section) or "frozen" (a copy that only follows, e.g. LCM's EMA target).
     ``shared_base``: the adapter sits on the teacher's own denoiser (no copy of the base).
-    ``gan_head``: a trainable GAN head on the network's features. ``forwards``: network passes
+    ``heads``: trainable GAN heads of ``head_width`` on the network's features (DMD2/SiD: one
+    on the bottleneck, APT: one per tapped depth). ``forwards``: network passes
     whose activations one update keeps (a discriminator on real and fake: 2).
     ``backprop_through``: frozen-at-that-step roles the update's loss back-propagates through.
     """
@@ -63,7 +64,8 @@ class RoleFootprint:
     kind: Literal["full", "lora", "frozen"]
     lora: Any = None
     shared_base: bool = False
-    gan_head: bool = False
+    heads: int = 0
+    head_width: int = 128
     forwards: int = 1
     backprop_through: tuple[str, ...] = ()
 

@@ -116,7 +116,7 @@ class DMD2(Recipe):
                 "fake_score",
                 cfg.fake_score,
                 run_cfg.student.lora,
-                gan_head=cfg.gan,
+                heads=1 if cfg.gan else 0,
                 forwards=2 if cfg.gan_discriminator_weight > 0 else 1,  # fake + real logits
             ),
         ]

@@ -45,19 +45,31 @@ class DiscriminatorHead(nn.Module):
         return self.body(feats.float()).squeeze(1)
 
 
-class FakeScore(nn.Module):
-    """The fake-score denoiser, plus the GAN head that reads its bottleneck features.
+class TappedBackbone(nn.Module):
+    """A denoiser with light heads on chosen blocks: GAN logits from the same forward as its
+    output. DMD2's and SiD's fake score (one head on the bottleneck, or none) and APT's
+    discriminator (one per tapped depth, averaged) are this one module; the tapped blocks and
+    the family's feature reshaping are resolved when it is built.
 
-    Recipes call it like the denoiser itself (``teacher.forward(fake, ...)``), never through
-    ``fake.net``: only a call through ``forward`` lets a DDP/FSDP wrapper around this role arm
-    and sync its gradients (a bypassed wrapper silently leaves ranks with different weights).
+    Recipes call it like the denoiser (``teacher.forward(net, ...)``), never through ``.net``:
+    only a call through ``forward`` lets a DDP/FSDP wrapper around the role arm and sync its
+    gradients (a bypassed wrapper silently leaves ranks with different weights). The heads run
+    inside ``forward`` for the same reason; ``call_with_logits`` asks for them.
     """
 
-    def __init__(self, net: nn.Module, head: nn.Module | None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        taps: list[tuple[nn.Module, int]],
+        to_map: Callable[[Tensor], Tensor],
+        width: int = 128,
+    ) -> None:
         super().__init__()
         self.net = net
-        self.head = head
-        self._tap: tuple[nn.Module, Callable[[Tensor], Tensor]] | None = None
+        self.heads = nn.ModuleList(DiscriminatorHead(channels, width) for _, channels in taps)
+        self._blocks = [block for block, _ in taps]  # a plain list: they live inside ``net``
+        self._to_map = to_map
+        self.capturing = False  # set by call_with_logits for one call
         self.logits: Tensor | None = None
 
     @property
@@ -67,22 +79,27 @@ class FakeScore(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return compute_dtype(self.net)  # the denoiser's, not the fp32 head's
+        return compute_dtype(self.net)  # the denoiser's, not the fp32 heads'
 
     def forward(self, *args, **kwargs):
-        if self._tap is None:
+        if not self.capturing:
             return self.net(*args, **kwargs)
-        block, to_map = self._tap
-        captured: list[Tensor] = []
-        hook = block.register_forward_hook(
-            lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
+        captured: dict[int, Tensor] = {}
+
+        def keep(index: int):
+            def hook(_module, _inputs, out) -> None:
+                captured[index] = out[0] if isinstance(out, tuple) else out
+
+            return hook
+
+        hooks = [block.register_forward_hook(keep(i)) for i, block in enumerate(self._blocks)]
         try:
             out = self.net(*args, **kwargs)
         finally:
-            hook.remove()
-        # the head runs inside forward, so a wrapper's gradient sync covers its weights too
-        self.logits = self.head(to_map(captured[-1]))
+            for hook in hooks:
+                hook.remove()
+        feats = [self._to_map(captured[i]) for i in range(len(self._blocks))]
+        self.logits = torch.stack([head(f) for head, f in zip(self.heads, feats)]).mean(0)
         return out
 
 
@@ -90,27 +107,33 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def predict_with_features(
-    teacher: TeacherAdapter, fake: nn.Module, x_t: Tensor, t: Tensor, batch_cond
+def call_with_logits(
+    teacher: TeacherAdapter, role: nn.Module, x_t: Tensor, t: Tensor, cond: dict
 ) -> tuple[Tensor, Tensor]:
-    """One fake-score call returning its output and the GAN logits from the same forward.
-
-    ``fake`` is the role as the loop holds it: a :class:`FakeScore`, possibly DDP-wrapped.
-    """
-    inner: FakeScore = unwrap(fake)
-    block, _ = teacher.feature_module(inner.net)
-    inner._tap = (block, teacher.features_to_map)
+    """One call of a :class:`TappedBackbone` role (as the loop holds it, maybe wrapped) with
+    ``cond`` the network conditioning: its output and its heads' logits from the same forward."""
+    inner: TappedBackbone = unwrap(role)
+    if not inner.heads:
+        raise ValueError("this network has no GAN head (no adversarial term configured)")
+    inner.capturing = True
     try:
-        out = teacher.forward(fake, x_t, t, batch_cond.cond)
+        out = teacher.forward(role, x_t, t, cond)
     finally:
-        inner._tap = None
+        inner.capturing = False
     logits, inner.logits = inner.logits, None
     return out, logits
 
 
+def predict_with_features(
+    teacher: TeacherAdapter, fake: nn.Module, x_t: Tensor, t: Tensor, batch_cond
+) -> tuple[Tensor, Tensor]:
+    """The fake score's output and GAN logits from one call (``batch_cond``: Conditioning)."""
+    return call_with_logits(teacher, fake, x_t, t, batch_cond.cond)
+
+
 def generator_and_fake_score(
     run_cfg, teacher: TeacherAdapter, fake_kind: str, gan: bool
-) -> tuple[nn.Module, FakeScore]:
+) -> tuple[nn.Module, TappedBackbone]:
     """The two roles of score-distillation recipes (DMD2, SiD): a generator and a fake score,
     the latter with a GAN head when an adversarial term is configured."""
     from distillkit.students import role_networks
@@ -122,8 +145,6 @@ def generator_and_fake_score(
         shared_base=student.shared_base,
         gradient_checkpointing=run_cfg.train.gradient_checkpointing,
     )
-    head = None
-    if gan:
-        _, channels = teacher.feature_module(nets["fake_score"])
-        head = DiscriminatorHead(channels).to(teacher.device)
-    return nets["generator"], FakeScore(nets["fake_score"], head)
+    taps = [teacher.feature_module(nets["fake_score"])] if gan else []
+    fake = TappedBackbone(nets["fake_score"], taps, teacher.features_to_map)
+    return nets["generator"], fake.to(teacher.device)

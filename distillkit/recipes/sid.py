@@ -163,7 +163,7 @@ class SiD(Recipe):
                 "fake_score",
                 cfg.fake_score,
                 run_cfg.student.lora,
-                gan_head=cfg.gan,
+                heads=1 if cfg.gan else 0,
                 forwards=2 if cfg.gan_discriminator_weight > 0 else 1,
             ),
         ]

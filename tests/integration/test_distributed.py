@@ -52,7 +52,7 @@ def test_ranks_end_with_identical_weights(two_rank_run):
     assert set(ranks[0]) == set(ranks[1])
     roles = {key.split(".", 1)[0] for key in ranks[0]}
     assert roles == {"generator", "fake_score"}
-    assert any(k.startswith("fake_score.head.") for k in ranks[0]), "GAN head not trained"
+    assert any(k.startswith("fake_score.heads.") for k in ranks[0]), "GAN head not trained"
     differ = [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])]
     assert not differ, f"ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}"
 

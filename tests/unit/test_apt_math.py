@@ -11,14 +11,13 @@ from torch import nn
 
 from distillkit.errors import ConfigError
 from distillkit.recipes.apt import (
-    Discriminator,
     approximated_r1,
     discriminate,
     load_exported_denoiser,
     pick_depths,
     r1_penalty,
 )
-from distillkit.recipes.gan import gan_discriminator_loss, gan_generator_loss
+from distillkit.recipes.gan import TappedBackbone, gan_discriminator_loss, gan_generator_loss
 from distillkit.teachers.load import SMOKE_RESOLUTION, tiny_teacher_dir
 
 
@@ -85,8 +84,8 @@ def test_discriminator_reads_several_depths(tiny_adapter, family):
     adapter = tiny_adapter(family)
     net = adapter.fresh_copy_of_denoiser()
     blocks = adapter.feature_blocks(net)
-    taps = pick_depths(len(blocks), [0.5, 1.0])
-    disc = Discriminator(net, taps, [blocks[i][1] for i in taps], width=32)
+    taps = [blocks[i] for i in pick_depths(len(blocks), [0.5, 1.0])]
+    disc = TappedBackbone(net, taps, adapter.features_to_map, width=32)
     cond = adapter.encode(["a cat", "a dog"])
     x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), 500.0)
@@ -94,7 +93,8 @@ def test_discriminator_reads_several_depths(tiny_adapter, family):
     assert logits.shape == (2,) and torch.isfinite(logits).all()
     logits.sum().backward()
     assert all(p.grad is not None for p in disc.heads.parameters())
-    assert disc.adapter is None and disc.logits is None  # nothing kept between calls
+    assert len(disc.heads) == len(taps) >= 1
+    assert not disc.capturing and disc.logits is None  # nothing kept between calls
 
 
 def test_init_from_loads_an_exported_denoiser(tiny_adapter):

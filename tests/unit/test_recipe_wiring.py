@@ -111,8 +111,10 @@ def test_dmd2_gan_generator_term_reads_the_fake_score_at_a_fresh_t(sd15, monkeyp
     recipe = build("dmd2", "sd15", sd15, "recipe.gan_generator_weight=0.5",
                    "recipe.min_t=0.3", "recipe.max_t=0.5", monkeypatch=monkeypatch)  # fmt: skip
     head_rows = []
-    hook = unwrap(recipe.roles["fake_score"]).head.register_forward_hook(
-        lambda _m, inputs, _o: head_rows.append(inputs[0].shape[0])
+    hook = (
+        unwrap(recipe.roles["fake_score"])
+        .heads[0]
+        .register_forward_hook(lambda _m, inputs, _o: head_rows.append(inputs[0].shape[0]))
     )
     batch = make_batch(sd15, n=4, images=True)
     spy = spy_on(monkeypatch, sd15, recipe, batch.prompts, batch.captions)

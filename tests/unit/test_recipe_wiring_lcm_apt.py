@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distillkit.config import TeacherConfig
-from distillkit.recipes.gan import FakeScore
+from distillkit.recipes.gan import TappedBackbone
 from distillkit.students import lora_owner, merged_copy, plain_copy
 from distillkit.teachers.load import load_teacher
 from tests.helpers.recipe_spy import DIRECT, build, grads_of, make_batch, run_role, spy_on, within
@@ -138,7 +138,8 @@ def test_shared_base_calls_run_the_right_adapter(monkeypatch, name):
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
     inner = {
-        r: getattr(n, "net", n) if isinstance(n, FakeScore) else n for r, n in recipe.roles.items()
+        r: getattr(n, "net", n) if isinstance(n, TappedBackbone) else n
+        for r, n in recipe.roles.items()
     }
     nets = {role: merged_copy(net) for role, net in inner.items()}
     nets["teacher"] = plain_copy(adapter.denoiser)
