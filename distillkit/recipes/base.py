@@ -39,6 +39,14 @@ class Batch:
     def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.randn(shape, generator=self.generator).to(device)
 
+    def rand(self, n: int) -> Tensor:
+        """One uniform [0, 1) draw per row (on the CPU)."""
+        return torch.rand(n, generator=self.generator)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        """One integer draw in [0, high) per row (on the CPU)."""
+        return torch.randint(high, (n,), generator=self.generator)
+
     def choice(self, k: int) -> int:
         """A random int in [0, k) for a choice that changes how many network calls run (few-step
         backward simulation's stopping step). Under FSDP every call gathers parameters with the

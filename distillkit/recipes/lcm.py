@@ -198,10 +198,10 @@ class LCM(Recipe):
             cond = teacher.encode(batch.prompts)
             x0 = self._teacher_latents(cond, batch)
         n, device = x0.shape[0], x0.device
-        index = torch.randint(len(self.grid) - 1, (n,), generator=batch.generator).to(device)
+        index = batch.randint(len(self.grid) - 1, n).to(device)
         t_start, t_end = self.grid[index], self.grid[index + 1]
         x_start = teacher.add_noise(x0, batch.randn(x0.shape, device), t_start)
-        omega = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=batch.generator)
+        omega = cfg.w_min + (cfg.w_max - cfg.w_min) * batch.rand(n)
         student = self.roles["generator"]
         pred = teacher.consistency(student, x_start, t_start, cond)
         with torch.no_grad():
