@@ -6,10 +6,15 @@ Adding a recipe is one file in distillkit/recipes/ that calls :func:`register_re
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Union
 
 RECIPES: dict[str, type] = {}
 FAMILIES: dict[str, type] = {}
+SOURCES: dict[str, Callable[[str], Path]] = {}  # model_id prefix -> local pipeline directory
+# packages whose modules register model sources (the digits teachers: "digits:<family>")
+SOURCE_PACKAGES = ("distillkit.benchmark.teachers",)
 
 
 def register_recipe(cls: type) -> type:
@@ -26,6 +31,31 @@ def register_family(name: str):
         return cls
 
     return wrap
+
+
+def register_source(prefix: str):
+    """Register a resolver for ``teacher.model_id`` values starting with ``prefix`` (e.g.
+    ``digits:sd15``): it maps the rest to a local diffusers pipeline directory, building or
+    training it on first use. Teacher loading resolves through this, never by importing the
+    provider."""
+
+    def wrap(fn: Callable[[str], Path]) -> Callable[[str], Path]:
+        SOURCES[prefix] = fn
+        return fn
+
+    return wrap
+
+
+def resolve_source(model_id: str) -> str:
+    """``model_id`` itself, or the directory a registered source resolves it to."""
+    if ":" not in model_id:
+        return model_id
+    for package in SOURCE_PACKAGES:
+        importlib.import_module(package)
+    for prefix, resolver in SOURCES.items():
+        if model_id.startswith(prefix):
+            return str(resolver(model_id.removeprefix(prefix)))
+    return model_id
 
 
 def _load_all() -> None:

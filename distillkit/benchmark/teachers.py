@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from distillkit.benchmark.text_pretrain import pretrain_text
 from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
 from distillkit.errors import ConfigError
-from distillkit.registry import get_family
+from distillkit.registry import get_family, register_source
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.teachers.load import cache_root
 from distillkit.teachers.tiny import FAMILIES, TinySpec, build_tiny_pipeline
@@ -241,6 +241,7 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
     return report
 
 
+@register_source("digits:")
 def digits_teacher_dir(family: str, *, quick: bool = False) -> Path:
     """The cached teacher directory; trains it if missing (into a temp dir, then renamed)."""
     out = cache_root() / "digits" / f"{family}-{get_spec(family, quick).key()}"

@@ -21,6 +21,7 @@ from torch import nn
 
 from distillkit.data.sources import SMOKE_PROMPTS
 from distillkit.engine.callbacks import Callback
+from distillkit.images import save_grid
 from distillkit.teachers.base import TeacherAdapter
 
 if TYPE_CHECKING:
@@ -182,8 +183,6 @@ class SampleCallback(Callback):
         return stats
 
     def _save(self, images: torch.Tensor, path: Path) -> Path:
-        from distillkit.evaluation.digits_eval import save_grid
-
         k = self.cfg.sample_per_prompt
         return save_grid(images, path, rows=len(self.prompts), cols=k)
 

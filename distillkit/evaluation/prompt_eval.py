@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit.errors import ConfigError
+from distillkit.images import save_grid
 
 METRICS = ("fid", "clip")
 
@@ -59,7 +60,7 @@ def evaluate_prompts(
     """Scores plus a `protocol` dict; metric weights/references load before generation."""
     import torch
 
-    from distillkit.evaluation.clip_score import DEFAULT_MODEL, load_clip
+    from distillkit.clip import DEFAULT_MODEL, load_clip
     from distillkit.evaluation.fid import inception_features, load_inception, reference_stats
     from distillkit.evaluation.generate import default_resolution, generate_images, load_pipeline
     from distillkit.evaluation.metrics import feature_stats, frechet_distance
@@ -121,8 +122,6 @@ def evaluate_prompts(
         scores["clip_score_std"] = float(per_image.std())
         protocol["clip"] = {**clip.protocol(), "samples": n}
     if grid is not None:
-        from distillkit.evaluation.digits_eval import save_grid
-
         cols = images_per_prompt if 1 < images_per_prompt <= 8 else 8
         save_grid(images, grid, rows=max(1, min(8, math.ceil(n / cols))), cols=cols)
     scores["protocol"] = protocol

@@ -4,7 +4,7 @@ their prompts with an open_clip model, and penalise 1 - cos(image, text) only wh
 is below a clamp, so the term stops pushing once an image is aligned well enough.
 
 The open_clip model comes from a local weight file through the evaluation harness's loader
-(:func:`distillkit.evaluation.clip_score.load_clip`); nothing is downloaded. Unlike the CLIP
+(:func:`distillkit.clip.load_clip`); nothing is downloaded. Unlike the CLIP
 *score*, which goes through 8-bit PIL images, the loss preprocesses on tensors (resize, centre
 crop, normalise as the model's eval transform does) so gradients reach the generator.
 """
@@ -86,7 +86,7 @@ class ClipGuide:
 
 def load_clip_guide(model_name: str, weights: str, device: torch.device) -> ClipGuide:
     """The recipe's CLIP model, loaded like the CLIP score's; errors name the recipe fields."""
-    from distillkit.evaluation.clip_score import load_clip
+    from distillkit.clip import load_clip
 
     try:
         scorer = load_clip(model_name, weights, device)

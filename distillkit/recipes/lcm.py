@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from distillkit.engine.nanguard import masked_lerp_
 from distillkit.errors import ConfigError
 from distillkit.recipes.base import Batch, Recipe, RoleFootprint, student_role
 from distillkit.recipes.gan import unwrap
@@ -39,6 +38,7 @@ from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import role_networks
 from distillkit.teachers.base import Conditioning, TeacherAdapter
+from distillkit.tensors import masked_lerp_
 
 
 class LCMConfig(Strict):

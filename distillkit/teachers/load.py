@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 
 from distillkit.config import TeacherConfig
 from distillkit.errors import ConfigError
-from distillkit.registry import get_family
+from distillkit.registry import get_family, resolve_source
 from distillkit.teachers.base import TeacherAdapter
 
 SMOKE_RESOLUTION = 32  # the tiny stand-in teachers run at 32 px: a whole --smoke in seconds
@@ -48,10 +48,7 @@ def tiny_teacher_dir(family: str, resolution: int) -> Path:
 
 
 def _from_pretrained(cfg: TeacherConfig, source: str, dtype: torch.dtype) -> DiffusionPipeline:
-    if source.startswith("digits:"):  # our own digits teachers: trained once, then cached
-        from distillkit.benchmark.teachers import digits_teacher_dir
-
-        source = str(digits_teacher_dir(source.removeprefix("digits:")))
+    source = resolve_source(source)  # e.g. "digits:sd15": our digits teachers, trained once
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "model_index.json").is_file():

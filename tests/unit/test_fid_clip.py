@@ -18,7 +18,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from distillkit.cli import main
-from distillkit.evaluation.clip_score import load_clip, scores_from_embeddings, to_pil
+from distillkit.clip import load_clip, scores_from_embeddings, to_pil
 from distillkit.evaluation.fid import (
     build_inception,
     fid_from_features,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker, masked_lerp_
+from distillkit.engine.nanguard import GuardedEMA, NonfiniteTracker
 from distillkit.engine.optim import inner_optimizer, takes_found_inf
+from distillkit.tensors import masked_lerp_
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ("dmd2", "sid", "swiftbrush", "lcm", "apt")

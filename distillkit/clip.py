@@ -1,4 +1,5 @@
-"""CLIP score with open_clip, from a weight file on disk (never downloaded).
+"""CLIP with open_clip, from a weight file on disk (never downloaded): the CLIP score of the
+evaluation harness and the CLIP model SwiftBrush v2's loss trains with, from one loader.
 
 Definition as in torchmetrics' CLIPScore: per image, 100 * max(cos(image, text), 0) with the
 image and its prompt embedded by the same CLIP, averaged over the samples. Images go through
