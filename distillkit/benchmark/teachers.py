@@ -12,16 +12,13 @@ exactly the parameterization DMD2 later assumes. Results are cached under
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import random
-import shlex
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -256,46 +253,3 @@ def digits_teacher_dir(family: str, *, quick: bool = False) -> Path:
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def add_teach_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``distillkit teach digits`` (cli.py wires them to :func:`cmd_teach`)."""
-    parser.add_argument("--family", choices=FAMILIES, required=True)
-    parser.add_argument("--quick", action="store_true", help="seconds of training, for tests")
-    parser.add_argument("--eval", action="store_true", help="print judge accuracy and FD")
-    parser.add_argument("--per-class", type=int, default=100, help="eval samples per digit")
-    parser.add_argument("--results", type=Path, help="merge the scores into this JSON file")
-
-
-def cmd_teach(args: argparse.Namespace) -> int:
-    """Train (or reuse) the family's digits teacher, print its directory, optionally score it."""
-    path = digits_teacher_dir(args.family, quick=args.quick)
-    print(path, flush=True)
-    if not (getattr(args, "eval", False) or getattr(args, "results", None)):
-        return 0
-    from distillkit.benchmark.teacher_eval import evaluate_teacher, record
-
-    start = time.perf_counter()
-    scores = evaluate_teacher(path, per_class=args.per_class)
-    if args.results:
-        entry = {
-            "command": getattr(args, "command", None) or shlex.join(["distillkit", *sys.argv[1:]]),
-            "spec": asdict(get_spec(args.family, args.quick)),
-            "train": json.loads((path / REPORT_FILE).read_text()),
-            "eval_seconds": round(time.perf_counter() - start, 1),
-            **scores,
-        }
-        record(args.results, args.family, entry)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distillkit.benchmark.teachers")
-    add_teach_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
-    return cmd_teach(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,13 +11,10 @@ register the subcommand and should stay fast for `distillkit --help`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distillkit.errors import ConfigError
 from distillkit.images import save_grid
 
 if TYPE_CHECKING:
@@ -179,70 +176,3 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             f"{s['precision']:>9.3f} {int(s['n']):>6d}"
         )
     return "\n".join(lines)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
-    from distillkit.evaluation.generate import export_call_defaults
-
-    if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
-        from distillkit.evaluation.prompt_eval import cmd_prompt_eval
-
-        if args.benchmark is not None:
-            raise ConfigError("--benchmark and --prompts exclude each other: pick one")
-        return cmd_prompt_eval(args)
-    args.benchmark = getattr(args, "benchmark", None) or "digits"
-    if args.benchmark != "digits":
-        raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
-    card = export_call_defaults(args.pipeline_dir)
-    steps = args.steps if args.steps is not None else card.get("num_inference_steps")
-    guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")
-    if steps is None or guidance is None:
-        raise ConfigError(
-            f"{args.pipeline_dir} has no distillkit model card saying how to call it; "
-            "pass --steps and --guidance (a teacher's card default_guidance, 0 for students)"
-        )
-    scores = evaluate_digits(
-        args.pipeline_dir,
-        steps=int(steps),
-        guidance=float(guidance),
-        per_class=args.per_class,
-        seed=args.seed,
-        judge_cache=getattr(args, "judge_cache", None),
-        grid=args.grid,
-    )
-    p = scores["protocol"]
-    print(
-        f"digits: {args.pipeline_dir} ({p['pipeline_class']}), steps={p['steps']}, "
-        f"guidance={p['guidance']:g}, {p['resolution']} px, {p['samples']} samples"
-    )
-    print(format_table([(f"{p['steps']}-step", scores)]))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(scores, indent=1) + "\n")
-        print(f"wrote {out}")
-    if args.grid:
-        print(f"wrote {args.grid}")
-    return 0
-
-
-def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `distillkit eval` on the CLI's subparsers."""
-    from distillkit.evaluation.prompt_eval import add_prompt_eval_args
-
-    p = subparsers.add_parser("eval", help="score an exported pipeline: benchmark or prompt set")
-    p.add_argument("pipeline_dir", help="a diffusers pipeline dir (e.g. runs/x/pipeline)")
-    p.add_argument("--benchmark", default=None, choices=["digits"], help="default: digits")
-    p.add_argument("--steps", type=int, default=None, help="default: the export's card")
-    p.add_argument(
-        "--guidance", type=float, default=None, help="default: the export's card (0 for students)"
-    )
-    p.add_argument("--per-class", type=int, default=100, help="samples per digit class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, metavar="FILE.json")
-    p.add_argument("--grid", default=None, metavar="FILE.png", help="10 classes x 8 samples")
-    p.add_argument("--judge-cache", default=None, help="default: $DISTILLKIT_CACHE/judge")
-    add_prompt_eval_args(p)
-    p.set_defaults(func=cmd_eval)
-    return p

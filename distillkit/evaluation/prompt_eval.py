@@ -8,8 +8,6 @@ file fails in a second, not after an hour of sampling. The JSON records the full
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,19 +16,6 @@ from distillkit.errors import ConfigError
 from distillkit.images import save_grid
 
 METRICS = ("fid", "clip")
-
-
-def add_prompt_eval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prompt-set evaluation (--prompts)")
-    g.add_argument("--prompts", default=None, metavar="FILE", help=".txt / .jsonl / .csv")
-    g.add_argument("--prompt-column", default="text", help="column of a .jsonl / .csv file")
-    g.add_argument("--metrics", default="fid,clip", help="comma-separated: fid, clip")
-    g.add_argument("--images-per-prompt", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--fid-weights", default=None, metavar="PATH", help="Inception v3 weights")
-    g.add_argument("--fid-reference", default=None, metavar="DIR_OR_NPZ", help="real images")
-    g.add_argument("--clip-model", default=None, help="open_clip architecture (ViT-L-14)")
-    g.add_argument("--clip-weights", default=None, metavar="PATH", help="open_clip weights")
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -126,52 +111,3 @@ def evaluate_prompts(
         save_grid(images, grid, rows=max(1, min(8, math.ceil(n / cols))), cols=cols)
     scores["protocol"] = protocol
     return scores
-
-
-def cmd_prompt_eval(args: argparse.Namespace) -> int:
-    from distillkit.data.sources import read_prompts
-    from distillkit.evaluation.generate import export_call_defaults
-
-    metrics = parse_metrics(args.metrics)
-    try:
-        prompts = read_prompts(Path(args.prompts), args.prompt_column)
-    except ConfigError as err:  # its messages name the run config's fields; here: our flags
-        text = str(err).replace("data.prompt_column", "--prompt-column")
-        raise ConfigError(text.replace("data.prompts", "--prompts")) from None
-    card = export_call_defaults(args.pipeline_dir)
-    steps = args.steps if args.steps is not None else card.get("num_inference_steps")
-    guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")
-    if steps is None or guidance is None:
-        raise ConfigError(
-            f"{args.pipeline_dir} has no distillkit card saying how to call it: pass --steps "
-            "and --guidance"
-        )
-    for flag, value in (
-        ("--images-per-prompt", args.images_per_prompt),
-        ("--batch-size", args.batch_size),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    scores = evaluate_prompts(
-        args.pipeline_dir,
-        prompts,
-        metrics=metrics,
-        steps=int(steps),
-        guidance=float(guidance),
-        seed=args.seed,
-        images_per_prompt=args.images_per_prompt,
-        batch_size=args.batch_size,
-        fid_weights=args.fid_weights,
-        fid_reference=args.fid_reference,
-        clip_model=args.clip_model,
-        clip_weights=args.clip_weights,
-        grid=args.grid,
-    )
-    shown = "  ".join(f"{k}={scores[k]:.4g}" for k in ("fid", "clip_score") if k in scores)
-    print(f"{args.pipeline_dir}: {scores['n']} samples, steps={steps}  {shown}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(scores, indent=1) + "\n")
-        print(f"wrote {out}")
-    return 0

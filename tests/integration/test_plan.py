@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from distillkit.cli.plan import add_parser as add_plan_parser
 from distillkit.config import load_config
-from distillkit.plan import GIB, add_plan_parser, plan_memory
+from distillkit.plan import GIB, plan_memory
 from distillkit.plan_arch import CONFIGS, count_params
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,15 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from distillkit.cli.eval import add_parser as add_eval_parser
+from distillkit.cli.eval import cmd_eval
 from distillkit.errors import ConfigError
-from distillkit.evaluation.digits_eval import (
-    METRIC_KEYS,
-    add_eval_parser,
-    cmd_eval,
-    evaluate_digits,
-    save_grid,
-)
+from distillkit.evaluation.digits_eval import METRIC_KEYS, evaluate_digits
 from distillkit.evaluation.generate import export_call_defaults, generate_images, load_pipeline
+from distillkit.images import save_grid
 from distillkit.teachers.tiny import FAMILIES, TinySpec, save_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("plan",),
     ("benchmark",),
-    ("demo",),
     ("cli",),
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="distil the digits teacher end to end (make demo)")
     p.add_argument("--recipe", default=str(RECIPE))
     p.add_argument("--output-dir", default="runs/demo")
