@@ -7,6 +7,7 @@ edit it before validation, so a typo anywhere fails at start with the field's pa
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,35 +177,50 @@ class HubConfig(Strict):
         return self
 
 
-RecipeSection = Annotated[recipe_config_union(), Field(discriminator="name")]
+@functools.cache
+def _run_config_class() -> type:
+    """RunConfig, built on first use. Its recipe section is the union of every registered
+    recipe's config, and the recipes import torch: built lazily, ``import distillkit.config``
+    stays light (the sections, overrides and YAML reading), as diffusers' lazy modules do."""
+    recipe_section = Annotated[recipe_config_union(), Field(discriminator="name")]
+
+    class RunConfig(Strict):
+        output_dir: str = "runs/default"
+        teacher: TeacherConfig
+        student: StudentConfig = Field(default_factory=StudentConfig)
+        recipe: recipe_section
+        data: DataConfig = Field(default_factory=DataConfig)
+        train: TrainConfig = Field(default_factory=TrainConfig)
+        export: ExportConfig = Field(default_factory=ExportConfig)
+        logging: LoggingConfig = Field(default_factory=LoggingConfig)
+        hub: HubConfig = Field(default_factory=HubConfig)
+
+        @model_validator(mode="after")
+        def _check_hub(self) -> RunConfig:
+            if self.hub.push and not self.export.enabled:
+                raise ValueError(
+                    "hub.push needs export.enabled: true (the export is what is pushed)"
+                )
+            return self
+
+        @model_validator(mode="after")
+        def _check_combination(self) -> RunConfig:
+            allowed = getattr(self.recipe, "students", ("lora", "full"))
+            if self.student.type not in allowed:
+                raise ValueError(
+                    f"student.type={self.student.type!r} is not supported by recipe "
+                    f"{self.recipe.name!r}; use one of {list(allowed)}"
+                )
+            return self
+
+    RunConfig.__qualname__ = "RunConfig"  # pickles and reprs as distillkit.config.RunConfig
+    return RunConfig
 
 
-class RunConfig(Strict):
-    output_dir: str = "runs/default"
-    teacher: TeacherConfig
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    recipe: RecipeSection
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    hub: HubConfig = Field(default_factory=HubConfig)
-
-    @model_validator(mode="after")
-    def _check_hub(self) -> RunConfig:
-        if self.hub.push and not self.export.enabled:
-            raise ValueError("hub.push needs export.enabled: true (the export is what is pushed)")
-        return self
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> RunConfig:
-        allowed = getattr(self.recipe, "students", ("lora", "full"))
-        if self.student.type not in allowed:
-            raise ValueError(
-                f"student.type={self.student.type!r} is not supported by recipe "
-                f"{self.recipe.name!r}; use one of {list(allowed)}"
-            )
-        return self
+def __getattr__(name: str):
+    if name == "RunConfig":  # `from distillkit.config import RunConfig` builds it
+        return _run_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -286,12 +302,12 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:  # noqa: F821
     """Read a recipe YAML, apply overrides, resolve the teacher card, validate strictly."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
     _merge_card(data, path.parent)
     try:
-        return RunConfig.model_validate(data)
+        return _run_config_class().model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None

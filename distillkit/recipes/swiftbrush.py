@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from distillkit.config import LoraConfigSection
 from distillkit.recipes.base import Batch, Recipe, RoleFootprint, peer_role, student_role
 from distillkit.recipes.clip_loss import load_clip_guide
 from distillkit.registry import register_recipe
@@ -126,8 +127,6 @@ def lora_denoising_loss(eps_pred: Tensor, eps: Tensor, alpha: Tensor) -> Tensor:
 
 def _fake_lora(run_cfg):
     """The fake score's own LoRA section (SwiftBrush: rank 64 on attention, not the student's)."""
-    from distillkit.config import LoraConfigSection  # config imports the recipes
-
     cfg = run_cfg.recipe
     return LoraConfigSection(
         rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules

@@ -122,3 +122,16 @@ def test_cli_process_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_importing_config_loads_no_torch_diffusers_or_peft() -> None:
+    """`import distillkit.config` stays light; RunConfig (the recipe union) builds on first use."""
+    code = (
+        "import sys, distillkit.config as c; "
+        "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "from distillkit.config import RunConfig; "
+        "assert RunConfig.__module__ == 'distillkit.config' and 'torch' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
