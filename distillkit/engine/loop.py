@@ -38,13 +38,7 @@ from distillkit.engine.guards import (
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.nanguard import GuardedEMA, NanPolicy
-from distillkit.engine.optim import (
-    build_optimizer,
-    clip_divisor,
-    folds_clipping,
-    inner_optimizer,
-    takes_found_inf,
-)
+from distillkit.engine.optim import build_optimizer, folds_clipping, guarded_step
 from distillkit.engine.sharding import (
     gather_full,
     gather_tensors,
@@ -290,28 +284,14 @@ class Trainer:
                         logs[f"{role}/{key}"] = logs.get(f"{role}/{key}", 0) + value / len(micro)
                 folded = folds_clipping(acc, opt)
                 grad_norm = self._clip(role, folded)
-                applied = None
-                if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
-                    nonfinite = (~torch.isfinite(grad_norm.detach())).float()
-                    bad = nonfinite if bad is None else torch.maximum(bad, nonfinite)
-                    inner = inner_optimizer(opt)
-                    inner.found_inf = bad
-                    if folded:  # the step divides the gradients by the clip divisor as it reads
-                        inner.grad_scale = clip_divisor(grad_norm.detach(), cfg.max_grad_norm)
-                    try:
-                        opt.step()
-                    finally:
-                        inner.found_inf = inner.grad_scale = None
-                    applied = 1.0 - bad
-                # The host-sync fallback, one sync per update: bitsandbytes' 8-bit AdamW never
-                # reads found_inf, non-fused torch optimisers refuse it, and under fp16 the
-                # GradScaler sets found_inf itself (its own inf check on the scaled gradients).
-                elif grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                update = guarded_step(
+                    opt, grad_norm, bad, folded=folded, max_norm=cfg.max_grad_norm
+                )
+                if update is None:  # the host-sync fallback saw a non-finite gradient
                     opt.zero_grad(set_to_none=True)
                     self.nonfinite.record(step, torch.ones((), device=acc.device))
                     return None
-                else:
-                    opt.step()
+                bad, applied = update
                 if grad_norm is not None:
                     logs[f"{role}/grad_norm"] = torch.as_tensor(grad_norm).detach()
                 opt.zero_grad(set_to_none=True)  # hold one role's gradients at a time

@@ -126,3 +126,31 @@ def folds_clipping(accelerator, opt) -> bool:
 def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """1 / torch's clip coefficient: gradients / this == clip_grad_norm_'s clipped gradients."""
     return ((total_norm + 1e-6) / max_norm).clamp_min(1.0)
+
+
+def guarded_step(opt, grad_norm, bad, *, folded: bool, max_norm: float):
+    """One optimiser step under the NaN veto; returns ``(bad, applied)`` or None when skipped.
+
+    ``bad`` is the step's 0-dim device flag so far (None: no role has updated yet); a
+    non-finite ``grad_norm`` raises it, and it vetoes this and every later update of the step.
+    Optimisers that take ``found_inf`` skip exactly on the device (``applied`` = 1 - bad, no
+    sync); ``folded`` passes the clip divisor as ``grad_scale``. The rest (bitsandbytes' 8-bit
+    AdamW, non-fused torch optimisers, fp16's GradScaler, which owns found_inf) sync once here:
+    None when the gradient was not finite, else ``(bad, None)``.
+    """
+    if isinstance(grad_norm, torch.Tensor) and takes_found_inf(opt):
+        nonfinite = (~torch.isfinite(grad_norm.detach())).float()
+        bad = nonfinite if bad is None else torch.maximum(bad, nonfinite)
+        inner = inner_optimizer(opt)
+        inner.found_inf = bad
+        if folded:  # the step divides the gradients by the clip divisor as it reads them
+            inner.grad_scale = clip_divisor(grad_norm.detach(), max_norm)
+        try:
+            opt.step()
+        finally:
+            inner.found_inf = inner.grad_scale = None
+        return bad, 1.0 - bad
+    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+        return None
+    opt.step()
+    return bad, None
