@@ -223,7 +223,8 @@ def score_students(
     """Train and score each student into `rows`; `saved()` after each run, so a long bench that
     is stopped keeps the rows it finished."""
     from distillkit.evaluation.digits_eval import evaluate_pipeline
-    from distillkit.evaluation.generate import export_call_defaults, load_pipeline
+    from distillkit.evaluation.generate import load_pipeline
+    from distillkit.export.card import export_call_defaults
 
     for job in student_jobs(family, args):
         recipe, config, seconds = job["recipe"], job["config"], None

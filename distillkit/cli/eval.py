@@ -12,7 +12,7 @@ from distillkit.errors import ConfigError
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
     from distillkit.evaluation.digits_eval import evaluate_digits, format_table
-    from distillkit.evaluation.generate import export_call_defaults
+    from distillkit.export.card import export_call_defaults
 
     if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
         if args.benchmark is not None:
@@ -56,8 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prompt_eval(args: argparse.Namespace) -> int:
     from distillkit.data.sources import read_prompts
-    from distillkit.evaluation.generate import export_call_defaults
     from distillkit.evaluation.prompt_eval import evaluate_prompts, parse_metrics
+    from distillkit.export.card import export_call_defaults
 
     metrics = parse_metrics(args.metrics)
     try:

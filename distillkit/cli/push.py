@@ -9,8 +9,7 @@ from distillkit.errors import DistillkitError
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from distillkit.hub import HubError
-    from distillkit.publish import publish
+    from distillkit.export.push import HubError, publish
 
     try:
         url, refreshed = publish(

@@ -35,8 +35,7 @@ class HubPushCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, result: RunResult) -> None:
         from distillkit.errors import DistillkitError
-        from distillkit.hub import HubError
-        from distillkit.publish import publish
+        from distillkit.export.push import HubError, publish
 
         try:
             url, _ = publish(

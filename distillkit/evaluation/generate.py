@@ -8,15 +8,13 @@ through generic call arguments found in the pipeline's `__call__` signature, not
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
 from distillkit.errors import ConfigError
-from distillkit.export import EXPORT_META
-from distillkit.hub import shipped_extras
+from distillkit.export.card import export_sampling_kwargs
 
 # Denoiser components whose config.sample_size is the latent size (UNets, DiTs).
 _DENOISERS = ("unet", "transformer")
@@ -150,27 +148,6 @@ def call_kwargs(pipe: DiffusionPipeline, resolution: int) -> dict:
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False
     return kwargs
-
-
-def export_call_defaults(pipeline_dir: Path | str) -> dict[str, float | int]:
-    """Steps and guidance a distillkit export is meant to be called with (its distillkit.json).
-
-    Returns {} for a folder that is not a distillkit export (e.g. a teacher): the caller chooses.
-    """
-    meta = Path(pipeline_dir) / EXPORT_META
-    if not meta.is_file():
-        return {}
-    data = json.loads(meta.read_text())
-    return {k: data[k] for k in ("num_inference_steps", "guidance_scale") if k in data}
-
-
-def export_sampling_kwargs(pipeline_dir: Path | str, steps: int) -> dict:
-    """Call arguments beyond steps and guidance that make an export sample its training grid at
-    ``steps`` (SANA's few-step ``sigmas``), from its distillkit.json; {} where it stores none."""
-    meta = Path(pipeline_dir) / EXPORT_META
-    if not meta.is_file():
-        return {}
-    return shipped_extras(json.loads(meta.read_text()).get("calls", {}).get(str(steps), {}))
 
 
 @torch.no_grad()

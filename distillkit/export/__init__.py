@@ -1,6 +1,6 @@
-"""Export: the verified diffusers pipeline and LoRA file (pipeline.py), what the model card says
-about a run (card.py), and the one export of a trained run (run.py) that the end of training and
-`distillkit export` share."""
+"""Export: the verified diffusers pipeline and LoRA file (pipeline.py), the model card and what
+distillkit.json says about a run (card.py), the one export of a trained run that the end of
+training and `distillkit export` share (run.py), and the Hub push (push.py)."""
 
 from distillkit.export.pipeline import (
     EXPORT_META,

@@ -11,9 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from distillkit.config import RunConfig
-from distillkit.export.card import card_info
+from distillkit.export.card import card_info, write_model_card
 from distillkit.export.pipeline import ExportReport, export_student
-from distillkit.hub import write_model_card
 from distillkit.teachers.base import TeacherAdapter
 
 EXPORT_SUMMARY = "export.json"

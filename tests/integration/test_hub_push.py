@@ -20,7 +20,8 @@ import yaml
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
 
-from distillkit.hub import CardInfo, HubError, push_output, render_model_card, write_model_card
+from distillkit.export.card import CardInfo, render_model_card, write_model_card
+from distillkit.export.push import HubError, push_output
 from tests.helpers.local_hub import LocalHub
 
 REPO = "local-user/tiny-student"

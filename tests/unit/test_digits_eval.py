@@ -16,7 +16,8 @@ from distillkit.cli.eval import add_parser as add_eval_parser
 from distillkit.cli.eval import cmd_eval
 from distillkit.errors import ConfigError
 from distillkit.evaluation.digits_eval import METRIC_KEYS, evaluate_digits
-from distillkit.evaluation.generate import export_call_defaults, generate_images, load_pipeline
+from distillkit.evaluation.generate import generate_images, load_pipeline
+from distillkit.export.card import export_call_defaults
 from distillkit.images import save_grid
 from distillkit.teachers.tiny import FAMILIES, TinySpec, save_tiny_teacher
 

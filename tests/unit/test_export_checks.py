@@ -78,7 +78,8 @@ def test_a_few_step_sana_export_samples_its_grid_in_evaluation(tiny_adapter, tmp
     the scheduler samples the trailing grid, not its own degenerate one ([1, .858, .602, .009])."""
     from diffusers import DiffusionPipeline
 
-    from distillkit.evaluation.generate import export_sampling_kwargs, generate_images
+    from distillkit.evaluation.generate import generate_images
+    from distillkit.export.card import export_sampling_kwargs
 
     teacher = tiny_adapter("sana")
     export_student(teacher, trainable_copy(teacher.denoiser, "full"), tmp_path, steps=4)

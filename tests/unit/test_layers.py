@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distillkit"
 # lowest first; a unit may import its own modules and any unit of a lower layer
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "schema"),
-    ("tensors", "images", "clip", "diffusion", "plan_arch", "hub"),
+    ("tensors", "images", "clip", "diffusion", "plan_arch"),
     ("registry",),
     ("config",),
     ("teachers",),
@@ -24,7 +24,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("recipes",),
     ("export",),
     ("evaluation",),
-    ("publish",),
     ("engine",),
     ("plan",),
     ("benchmark",),
