@@ -9,18 +9,10 @@ from pathlib import Path
 from distillkit.errors import ConfigError
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
-    from distillkit.evaluation.digits_eval import evaluate_digits, format_table
+def call_settings(args: argparse.Namespace) -> tuple[int, float]:
+    """--steps / --guidance, else what the export's distillkit.json says it is called with."""
     from distillkit.export.card import export_call_defaults
 
-    if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
-        if args.benchmark is not None:
-            raise ConfigError("--benchmark and --prompts exclude each other: pick one")
-        return cmd_prompt_eval(args)
-    args.benchmark = getattr(args, "benchmark", None) or "digits"
-    if args.benchmark != "digits":
-        raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
     card = export_call_defaults(args.pipeline_dir)
     steps = args.steps if args.steps is not None else card.get("num_inference_steps")
     guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")
@@ -29,10 +21,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.pipeline_dir} has no distillkit model card saying how to call it; "
             "pass --steps and --guidance (a teacher's card default_guidance, 0 for students)"
         )
+    return int(steps), float(guidance)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
+    from distillkit.evaluation.digits_eval import evaluate_digits, format_table
+
+    if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
+        if args.benchmark is not None:
+            raise ConfigError("--benchmark and --prompts exclude each other: pick one")
+        return cmd_prompt_eval(args)
+    args.benchmark = getattr(args, "benchmark", None) or "digits"
+    if args.benchmark != "digits":
+        raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
+    steps, guidance = call_settings(args)
     scores = evaluate_digits(
         args.pipeline_dir,
-        steps=int(steps),
-        guidance=float(guidance),
+        steps=steps,
+        guidance=guidance,
         per_class=args.per_class,
         seed=args.seed,
         judge_cache=getattr(args, "judge_cache", None),
@@ -57,7 +64,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prompt_eval(args: argparse.Namespace) -> int:
     from distillkit.data.sources import read_prompts
     from distillkit.evaluation.prompt_eval import evaluate_prompts, parse_metrics
-    from distillkit.export.card import export_call_defaults
 
     metrics = parse_metrics(args.metrics)
     try:
@@ -65,14 +71,7 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
     except ConfigError as err:  # its messages name the run config's fields; here: our flags
         text = str(err).replace("data.prompt_column", "--prompt-column")
         raise ConfigError(text.replace("data.prompts", "--prompts")) from None
-    card = export_call_defaults(args.pipeline_dir)
-    steps = args.steps if args.steps is not None else card.get("num_inference_steps")
-    guidance = args.guidance if args.guidance is not None else card.get("guidance_scale")
-    if steps is None or guidance is None:
-        raise ConfigError(
-            f"{args.pipeline_dir} has no distillkit card saying how to call it: pass --steps "
-            "and --guidance"
-        )
+    steps, guidance = call_settings(args)
     for flag, value in (
         ("--images-per-prompt", args.images_per_prompt),
         ("--batch-size", args.batch_size),
@@ -83,8 +82,8 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
         args.pipeline_dir,
         prompts,
         metrics=metrics,
-        steps=int(steps),
-        guidance=float(guidance),
+        steps=steps,
+        guidance=guidance,
         seed=args.seed,
         images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size,
