@@ -1,4 +1,4 @@
-"""`distillkit run CONFIG [key=value ...] [--smoke] [--resume]`: train, then export."""
+"""`distillkit run CONFIG [key=value ...] [--smoke [--builtin-data]] [--resume]`: train, export."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.smoke:
         cfg.train.checkpoint_every = min(cfg.train.checkpoint_every, cfg.train.max_steps)
-    result = run(cfg, smoke=args.smoke, resume=args.resume)
+    result = run(cfg, smoke=args.smoke, resume=args.resume, builtin_data=args.builtin_data)
     if result.export is not None:
         print(f"exported pipeline: {result.export.pipeline_dir}")
         if result.export.lora_dir is not None:
@@ -41,5 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--smoke", action="store_true", help="tiny same-family teacher, 2 steps")
+    p.add_argument(
+        "--builtin-data",
+        action="store_true",
+        help="with --smoke: built-in prompts and digits images instead of data.* (said in the log)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=cmd_run)

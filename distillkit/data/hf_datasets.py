@@ -39,8 +39,9 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def open_dataset(src: DatasetSource, field: str) -> Dataset:
-    """One split of ``src`` as a `datasets.Dataset`; ConfigError names ``field``.path/.split."""
+def open_dataset(src: DatasetSource, field: str, limit: int | None = None) -> Dataset:
+    """One split of ``src`` as a `datasets.Dataset` (its first ``src.limit`` / ``limit`` rows);
+    ConfigError names ``field``.path/.split."""
     import datasets
 
     local = Path(src.path).expanduser()
@@ -75,8 +76,9 @@ def open_dataset(src: DatasetSource, field: str) -> Dataset:
             f"{field}.path: could not read {src.path!r} ({type(err).__name__}: "
             f"{_first_line(err)}); a local file/folder or a Hub dataset (cached when offline)"
         ) from None
-    if src.limit is not None:
-        ds = ds.select(range(min(src.limit, len(ds))))
+    bounds = [n for n in (src.limit, limit) if n is not None]
+    if bounds:
+        ds = ds.select(range(min(*bounds, len(ds))))
     if len(ds) == 0:
         raise ConfigError(f"{field}.path: {src.path} split {src.split!r} has no rows")
     return ds
@@ -90,9 +92,11 @@ def _column(ds: Dataset, name: str, field: str) -> list[Any]:
     return ds[name]
 
 
-def dataset_prompts(src: DatasetSource, field: str = "data.prompts_dataset") -> list[str]:
+def dataset_prompts(
+    src: DatasetSource, field: str = "data.prompts_dataset", limit: int | None = None
+) -> list[str]:
     """Non-empty prompt strings from ``src.column``."""
-    values = _column(open_dataset(src, field), src.column, f"{field}.column")
+    values = _column(open_dataset(src, field, limit), src.column, f"{field}.column")
     prompts = [str(v).strip() for v in values if v is not None and str(v).strip()]
     if not prompts:
         raise ConfigError(f"{field}.column: column {src.column!r} of {src.path} is empty")
@@ -117,12 +121,15 @@ def _to_pil(value: Any, field: str, row: int) -> Image.Image:
 
 
 def dataset_images(
-    src: DatasetSource, resolution: int, field: str = "data.images_dataset"
+    src: DatasetSource,
+    resolution: int,
+    field: str = "data.images_dataset",
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Images resized (short side) and centre-cropped to ``resolution``, in [-1, 1]; captions."""
     from distillkit.data.sources import to_tensor
 
-    ds = open_dataset(src, field)
+    ds = open_dataset(src, field, limit)
     images = _column(ds, src.image_column, f"{field}.image_column")
     captions = _column(ds, src.column, f"{field}.column") if src.column in ds.column_names else []
     tensors = [
@@ -132,34 +139,28 @@ def dataset_images(
     return torch.stack(tensors), texts
 
 
-def _usable(src: DatasetSource | None, smoke: bool) -> bool:
-    """--smoke runs offline on built-in data: Hub names and missing paths count as not given."""
-    return src is not None and (not smoke or Path(src.path).expanduser().exists())
-
-
 def load_dataset_sources(
-    cfg: DataConfig, resolution: int, smoke: bool, need_images: bool
+    cfg: DataConfig, resolution: int, need_images: bool, limit: int | None = None
 ) -> TrainData | None:
-    """TrainData when a `datasets` source is configured (file options fill the other half)."""
+    """TrainData when a `datasets` source is configured (file options fill the other half);
+    at most ``limit`` rows of each source."""
     from distillkit.data.sources import TrainData, read_image_folder, read_prompts
 
-    use_prompts = _usable(cfg.prompts_dataset, smoke)
-    use_images = need_images and _usable(cfg.images_dataset, smoke)
+    use_prompts = cfg.prompts_dataset is not None
+    use_images = need_images and cfg.images_dataset is not None
     if not (use_prompts or use_images):
         return None
-    if smoke and need_images and not use_images:
-        return None  # the built-in smoke data has real images; a prompts-only set does not
     images = captions = None
     if use_images:
         assert cfg.images_dataset is not None
-        images, captions = dataset_images(cfg.images_dataset, resolution)
+        images, captions = dataset_images(cfg.images_dataset, resolution, limit=limit)
     elif need_images and cfg.images is not None:
-        images, captions = read_image_folder(Path(cfg.images), resolution)
+        images, captions = read_image_folder(Path(cfg.images), resolution, limit)
     if use_prompts:
         assert cfg.prompts_dataset is not None
-        prompts = dataset_prompts(cfg.prompts_dataset)
-    elif cfg.prompts is not None and Path(cfg.prompts).exists():
-        prompts = read_prompts(Path(cfg.prompts), cfg.prompt_column)
+        prompts = dataset_prompts(cfg.prompts_dataset, limit=limit)
+    elif cfg.prompts is not None:
+        prompts = read_prompts(Path(cfg.prompts), cfg.prompt_column, limit)
     elif captions and any(captions):
         prompts = [c for c in captions if c]
     else:

@@ -26,6 +26,7 @@ SMOKE_PROMPTS = [
     "a lighthouse at dusk, watercolor",
 ]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+SMOKE_SAMPLE = 64  # rows of each configured source --smoke reads: every loader runs, briefly
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TrainData:
     captions: list[str] | None = None
     # (N, C, h, w): the images' VAE latents, once an encoding cache (data.cache_dir) holds them
     latents: torch.Tensor | None = None
-    substituted: str | None = None  # what --smoke used instead of the configured data, if any
+    substituted: str | None = None  # what --smoke read instead of all the configured data
 
     def _order(self, n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         if not shuffle:
@@ -63,7 +64,7 @@ class TrainData:
         return prompts, self.images[idx], [self.captions[i] for i in idx], latents
 
 
-def read_prompts(path: Path, column: str) -> list[str]:
+def read_prompts(path: Path, column: str, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"data.prompts: {path} does not exist")
     suffix = path.suffix.lower()
@@ -90,7 +91,7 @@ def read_prompts(path: Path, column: str) -> list[str]:
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ConfigError(f"data.prompts: {path} contains no prompts")
-    return prompts
+    return prompts[:limit]
 
 
 def _caption_for(path: Path, metadata: dict[str, str]) -> str:
@@ -100,18 +101,33 @@ def _caption_for(path: Path, metadata: dict[str, str]) -> str:
     return side.read_text().strip() if side.is_file() else ""
 
 
-def read_image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """An imagefolder: images plus captions from metadata.jsonl (file_name, text) or .txt files."""
+def read_metadata(meta_file: Path) -> dict[str, str]:
+    """An imagefolder's metadata.jsonl: file name -> caption (``text``)."""
+    metadata: dict[str, str] = {}
+    for number, line in enumerate(meta_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            metadata[Path(row["file_name"]).name] = str(row.get("text", ""))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ConfigError(
+                f"data.images: {meta_file} line {number} is not a JSON object with a "
+                '"file_name" (and "text") field'
+            ) from None
+    return metadata
+
+
+def read_image_folder(
+    folder: Path, resolution: int, limit: int | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """An imagefolder: images plus captions from metadata.jsonl (file_name, text) or .txt files;
+    the first ``limit`` images by name when given."""
     if not folder.is_dir():
         raise ConfigError(f"data.images: {folder} is not a directory")
-    metadata: dict[str, str] = {}
     meta_file = folder / "metadata.jsonl"
-    if meta_file.is_file():
-        for line in meta_file.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                metadata[Path(row["file_name"]).name] = str(row.get("text", ""))
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    metadata = read_metadata(meta_file) if meta_file.is_file() else {}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise ConfigError(f"data.images: {folder} contains no images ({sorted(IMAGE_SUFFIXES)})")
     images, captions = [], []
@@ -153,34 +169,71 @@ def digits_data(resolution: int, seed: int = 0) -> TrainData:
     return TrainData(prompts=captions, images=images, captions=captions)
 
 
-def load_train_data(cfg: DataConfig, resolution: int, smoke: bool, need_images: bool) -> TrainData:
+def builtin_data(cfg: DataConfig, resolution: int, need_images: bool) -> TrainData:
+    """``--smoke --builtin-data``: built-in prompts (and digits images), saying what they
+    replace."""
     if cfg.prompts == "digits" or cfg.images == "digits":
         return digits_data(resolution)
+    data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
+    replaced = [
+        f"data.{name}={value}"
+        for name in ("prompts", "prompts_dataset", "images", "images_dataset")
+        if (value := getattr(cfg, name)) is not None and (need_images or name.startswith("prompts"))
+    ]
+    what = "digits images and captions" if need_images else "prompts"
+    instead = ", ".join(replaced) if replaced else "no data configured"
+    data.substituted = f"built-in {what} instead of {instead} (--builtin-data)"
+    return data
+
+
+def load_train_data(
+    cfg: DataConfig, resolution: int, smoke: bool, need_images: bool, builtin: bool = False
+) -> TrainData:
+    """The configured data through the loaders of the real run; ``--smoke`` reads at most
+    SMOKE_SAMPLE rows of each source, so a preflight fails where the real run would."""
+    if builtin:
+        return builtin_data(cfg, resolution, need_images)
+    if cfg.prompts == "digits" or cfg.images == "digits":
+        return digits_data(resolution)
+    limit = SMOKE_SAMPLE if smoke else None
+    try:
+        data = _configured_data(cfg, resolution, need_images, limit)
+    except ConfigError as err:
+        if not smoke:
+            raise
+        raise ConfigError(
+            f"{err}\n--smoke reads the configured data to check it; to preflight without it, "
+            "add --builtin-data (built-in prompts and digits images)"
+        ) from None
+    if smoke:
+        images = "" if data.images is None else f", {len(data.images)} images"
+        data.substituted = (
+            f"a bounded sample of the configured data: {len(data.prompts)} prompts{images} "
+            f"(at most {SMOKE_SAMPLE} rows per source)"
+        )
+    return data
+
+
+def _configured_data(
+    cfg: DataConfig, resolution: int, need_images: bool, limit: int | None
+) -> TrainData:
     from distillkit.data.hf_datasets import load_dataset_sources
 
-    from_datasets = load_dataset_sources(cfg, resolution, smoke, need_images)
+    from_datasets = load_dataset_sources(cfg, resolution, need_images, limit)
     if from_datasets is not None:
         return from_datasets
     # prompts: data.prompts, else (recipes that train on image-caption pairs) the captions of
     # data.images, the rule the data.images_dataset route follows too
-    exists = lambda path: path is not None and Path(path).exists()  # noqa: E731
-    given = exists(cfg.prompts) or (need_images and cfg.prompts is None and exists(cfg.images))
-    if smoke and (not given or (need_images and not exists(cfg.images))):
-        data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
-        said = f"data.prompts={cfg.prompts}" if cfg.prompts else "no data.prompts"
-        if need_images:
-            said += f", data.images={cfg.images}" if cfg.images else ", no data.images"
-        what = "digits images and captions" if need_images else "prompts"
-        data.substituted = f"built-in {what} ({said}: not found)"
-        return data
-    prompts = None if cfg.prompts is None else read_prompts(Path(cfg.prompts), cfg.prompt_column)
+    prompts = (
+        None if cfg.prompts is None else read_prompts(Path(cfg.prompts), cfg.prompt_column, limit)
+    )
     if not need_images:
         if prompts is None:
             raise ConfigError("data.prompts is not set: give a .txt / .jsonl / .csv prompt file")
         return TrainData(prompts)
     if cfg.images is None:
         raise ConfigError("data.images is required by this recipe (real images for its GAN term)")
-    images, captions = read_image_folder(Path(cfg.images), resolution)
+    images, captions = read_image_folder(Path(cfg.images), resolution, limit)
     if prompts is None:
         prompts = [c for c in captions if c]
         if not prompts:

@@ -77,7 +77,13 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, accelerator: Accelerator, *, smoke: bool = False, resume: bool = False
+        self,
+        cfg: RunConfig,
+        accelerator: Accelerator,
+        *,
+        smoke: bool = False,
+        resume: bool = False,
+        builtin_data: bool = False,
     ) -> None:
         self.cfg, self.smoke, self.resume = cfg, smoke, resume
         self.output_dir = Path(cfg.output_dir)
@@ -86,7 +92,11 @@ class Trainer:
         resolution = SMOKE_RESOLUTION if smoke else cfg.teacher.resolution
         # data files are checked before the (possibly many-GB) teacher is loaded
         self.data = load_train_data(
-            cfg.data, resolution, smoke, need_images=recipe_class.needs_images(cfg.recipe)
+            cfg.data,
+            resolution,
+            smoke,
+            need_images=recipe_class.needs_images(cfg.recipe),
+            builtin=builtin_data,
         )
         set_seed(cfg.train.seed)
         # rank 0 first: it downloads (or builds the tiny --smoke teacher) once; the others then
@@ -524,8 +534,13 @@ class Trainer:
         )
 
 
-def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResult:
-    """Check, lock the output directory (main process), train, export, unlock."""
+def run(
+    cfg: RunConfig, *, smoke: bool = False, resume: bool = False, builtin_data: bool = False
+) -> RunResult:
+    """Check, lock the output directory (main process), train, export, unlock.
+    ``builtin_data`` (``--smoke`` only) trains on built-in prompts and images instead of data.*."""
+    if builtin_data and not smoke:
+        raise ConfigError("--builtin-data only applies to --smoke runs: a real run reads data.*")
     check_runtime(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     output_dir = Path(cfg.output_dir)
@@ -536,6 +551,7 @@ def run(cfg: RunConfig, *, smoke: bool = False, resume: bool = False) -> RunResu
             check_resume_config(output_dir, cfg, smoke)
         lock.acquire()
     try:
-        return Trainer(cfg, accelerator, smoke=smoke, resume=resume).train()
+        trainer = Trainer(cfg, accelerator, smoke=smoke, resume=resume, builtin_data=builtin_data)
+        return trainer.train()
     finally:
         lock.release()

@@ -31,16 +31,29 @@ def distillkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_resume_and_reexport(tmp_path):
     out = tmp_path / "run"
-    distillkit("run", "recipes/dmd2_sd15.yaml", "--smoke", f"output_dir={out}", "train.max_steps=2")
+    distillkit(
+        "run",
+        "recipes/dmd2_sd15.yaml",
+        "--smoke",
+        "--builtin-data",
+        f"output_dir={out}",
+        "train.max_steps=2",
+    )
     # a second run into the same directory without --resume refuses and damages nothing
     refused = distillkit(
-        "run", "recipes/dmd2_sd15.yaml", "--smoke", f"output_dir={out}", check=False
+        "run",
+        "recipes/dmd2_sd15.yaml",
+        "--smoke",
+        "--builtin-data",
+        f"output_dir={out}",
+        check=False,
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr
     proc = distillkit(
         "run",
         "recipes/dmd2_sd15.yaml",
         "--smoke",
+        "--builtin-data",
         "--resume",
         f"output_dir={out}",
         "train.max_steps=3",
@@ -69,6 +82,7 @@ def test_reexport_writes_what_training_wrote(tmp_path):
         "run",
         "recipes/lcm_lora_sd15.yaml",
         "--smoke",
+        "--builtin-data",
         f"output_dir={out}",
         "train.max_steps=2",
         "train.ema.decay=0.5",
@@ -96,7 +110,13 @@ def test_embedding_cache_gives_the_same_run(tmp_path, tiny_adapter):
     under 1e-4 on another). So the cache's rows are compared with per-item encodings at a float32
     tolerance, and the two runs' losses at 1e-2: far above that rounding, far below what a row of
     another prompt or image moves them by."""
-    common = ["run", "recipes/dmd2_sd15.yaml", "--smoke", "logging.sample_every=0"]
+    common = [
+        "run",
+        "recipes/dmd2_sd15.yaml",
+        "--smoke",
+        "--builtin-data",
+        "logging.sample_every=0",
+    ]
     common.append("teacher.dtype=fp32")  # the cache, not half-precision rounding, under test
     distillkit(*common, f"output_dir={tmp_path / 'plain'}")
     cache = tmp_path / "cache"

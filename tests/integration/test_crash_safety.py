@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMMON = [
     "recipes/dmd2_sd15.yaml",
     "--smoke",
+    "--builtin-data",
     "train.max_steps=6",
     "train.checkpoint_every=2",
     "train.checkpoints_keep=3",

@@ -38,7 +38,7 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, Path, str]:
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
         *("--nproc_per_node", str(WORLD), "-m", "distillkit.cli", "run"),
-        *("recipes/dmd2_sd15.yaml", "--smoke", f"output_dir={out}"),
+        *("recipes/dmd2_sd15.yaml", "--smoke", "--builtin-data", f"output_dir={out}"),
         *(f"train.max_steps={STEPS}", "logging.progress_bar=false"),
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

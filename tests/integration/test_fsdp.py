@@ -51,7 +51,13 @@ def launch(out: Path, dump: Path, overrides: list[str], resume: bool = False) ->
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
         *("--nproc_per_node", str(WORLD), "-m", "distillkit.cli", "run"),
-        *("recipes/dmd2_sd15.yaml", "--smoke", f"output_dir={out}", "logging.progress_bar=false"),
+        *(
+            "recipes/dmd2_sd15.yaml",
+            "--smoke",
+            "--builtin-data",
+            f"output_dir={out}",
+            "logging.progress_bar=false",
+        ),
         *overrides,
         *(["--resume"] if resume else []),
     ]

@@ -46,7 +46,7 @@ def smoke_run(tmp_path_factory) -> Iterator[tuple[LocalHub, Path, subprocess.Com
     env |= {f"WANDB_{k}_DIR": str(root / f"wandb_{k.lower()}") for k in ("CONFIG", "CACHE", "DATA")}
     with LocalHub() as hub:
         env["HF_ENDPOINT"] = hub.endpoint
-        args = ["run", "recipes/dmd2_sd15.yaml", "--smoke", f"output_dir={out}"]
+        args = ["run", "recipes/dmd2_sd15.yaml", "--smoke", "--builtin-data", f"output_dir={out}"]
         args += ["hub.push=true", "hub.repo_id=me/x", "logging.progress_bar=false"]
         args += ["logging.backends=[jsonl,tensorboard,wandb]"]
         proc = subprocess.run(

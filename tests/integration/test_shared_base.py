@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = [
     "recipes/dmd2_sdxl_lora.yaml",
     "--smoke",
+    "--builtin-data",
     "recipe.fake_score=lora",
     "train.max_steps=3",
     "recipe.fake_updates_per_generator=2",

@@ -43,7 +43,7 @@ def smoke(tmp_path_factory):
         key = (name, overrides)
         if key not in done:
             out = tmp_path_factory.mktemp(name) / "run"
-            args = ["run", f"recipes/{name}.yaml", "--smoke", f"output_dir={out}"]
+            args = ["run", f"recipes/{name}.yaml", "--smoke", "--builtin-data", f"output_dir={out}"]
             proc = subprocess.run(
                 [sys.executable, "-m", "distillkit.cli", *args, *FAST, *overrides],
                 capture_output=True,

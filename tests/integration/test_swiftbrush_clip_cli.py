@@ -17,7 +17,7 @@ CLIP_MODEL = "ViT-S-32-alt"  # what the clip_weights fixture (conftest.py) build
 
 
 def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "distillkit.cli", "run", str(CONFIG), "--smoke"]
+    argv = [sys.executable, "-m", "distillkit.cli", "run", str(CONFIG), "--smoke", "--builtin-data"]
     argv += [f"output_dir={out}", "logging.sample_every=0", "logging.report=false", *overrides]
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
 

@@ -83,7 +83,7 @@ def test_training_reads_cached_latents_instead_of_the_vae(tmp_path):
             [f"output_dir={tmp_path / name}", "logging.progress_bar=false", *extra],
         )
         (tmp_path / name).mkdir()
-        return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+        return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True)
 
     plain = trainer("plain")
     cached = trainer("cached", f"data.cache_dir={tmp_path / 'cache'}")

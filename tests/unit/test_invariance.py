@@ -61,7 +61,7 @@ def _first_update(tmp_path: Path, batch: int, accumulation: int, monkeypatch):
     ]
     cfg = load_config(REPO / "recipes" / "lcm_sd15.yaml", overrides)
     out.mkdir()
-    trainer = Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+    trainer = Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True)
     grads: dict[str, torch.Tensor] = {}
     for role, opt in trainer.optimizers.items():
         real_step = opt.step

@@ -22,7 +22,7 @@ def _trainer(tmp_path, *overrides: str):
         [f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false", *overrides],
     )
     (tmp_path / "run").mkdir()
-    return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+    return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True)
 
 
 def _expected(kind: str, step: int, warmup: int, total: int) -> float:

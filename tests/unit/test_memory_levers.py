@@ -33,7 +33,9 @@ def _trainer(tmp_path: Path, recipe: str, name: str, *overrides: str):
         [f"output_dir={tmp_path / name}", "logging.progress_bar=false", *overrides],
     )
     (tmp_path / name).mkdir()
-    return Trainer(cfg, Accelerator(mixed_precision=cfg.train.mixed_precision), smoke=True)
+    return Trainer(
+        cfg, Accelerator(mixed_precision=cfg.train.mixed_precision), smoke=True, builtin_data=True
+    )
 
 
 def _checkpointing(module: torch.nn.Module) -> bool:

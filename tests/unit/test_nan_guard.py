@@ -35,7 +35,7 @@ def _trainer(tmp_path, recipe: str, *overrides: str):
         ],
     )
     (tmp_path / "run").mkdir()
-    return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+    return Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True)
 
 
 def _snapshot(trainer) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ def test_cli_refuses_adamw8bit_before_loading_anything(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "distillkit.cli", "run", "recipes/dmd2_sd15.yaml", "--smoke",
-         f"output_dir={out}", "train.optimizer=adamw8bit"],
+         "--builtin-data", f"output_dir={out}", "train.optimizer=adamw8bit"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -92,7 +92,9 @@ def test_trainer_folds_the_clip_and_trains_the_same_weights(tmp_path, monkeypatc
              "train.max_grad_norm=1e-3", "recipe.fake_updates_per_generator=1"],
         )  # fmt: skip
         (tmp_path / name).mkdir()
-        trainer = loop.Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+        trainer = loop.Trainer(
+            cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True
+        )
         before = [p.detach().clone() for p in trainer.params["generator"]]
         norms = [trainer.train_step(step)["generator/grad_norm"] for step in range(3)]
         assert seen and all(n > 1e-3 for n in norms)  # clipped at every update

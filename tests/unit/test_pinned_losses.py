@@ -129,7 +129,7 @@ def _first_losses(recipe: str, tmp_path: Path) -> list[dict[str, float]]:
     ]
     cfg = load_config(REPO / "recipes" / f"{recipe}_sd15.yaml", overrides)
     (tmp_path / "run").mkdir()
-    trainer = Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True)
+    trainer = Trainer(cfg, Accelerator(mixed_precision="no"), smoke=True, builtin_data=True)
     noise = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for params in trainer.params.values():
