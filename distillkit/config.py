@@ -185,7 +185,7 @@ def _run_config_class() -> type:
     recipe_section = Annotated[recipe_config_union(), Field(discriminator="name")]
 
     class RunConfig(Strict):
-        output_dir: str = "runs/default"
+        output_dir: str = Field("runs/default", min_length=1)
         teacher: TeacherConfig
         student: StudentConfig = Field(default_factory=StudentConfig)
         recipe: recipe_section

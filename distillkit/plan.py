@@ -12,6 +12,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
+from distillkit.errors import ConfigError
 from distillkit.plan_arch import (
     DENOISERS,
     build_meta,
@@ -277,7 +278,15 @@ def parse_memory(text: str) -> float:
     """'80GB' / '80' / '24GiB' / '512MB' -> bytes (GB read as GiB, as GPU sizes are quoted)."""
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     scale = {"g": GIB, "m": 2**20, "t": 2**40}.get(t[-1:])
-    return float(t[:-1]) * scale if scale else float(t) * GIB
+    try:
+        value = float(t[:-1]) * scale if scale else float(t) * GIB
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(
+            f"--gpu-memory {text!r}: give a positive size such as 80GB, 24GiB, 512MB or 80"
+        )
+    return value
 
 
 def format_plan(plan: Plan, budget: float) -> str:

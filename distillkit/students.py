@@ -30,6 +30,27 @@ def lora_config(section: LoraConfigSection) -> LoraConfig:
     )
 
 
+def add_lora(net: nn.Module, section: LoraConfigSection, adapter_name: str, role: str) -> None:
+    """peft's ``add_adapter``; target modules that match nothing (or a layer peft cannot wrap)
+    are the user's to fix: a ConfigError naming the field and some names that would match."""
+    try:
+        net.add_adapter(lora_config(section), adapter_name=adapter_name)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError is one
+        leaf_names = sorted(
+            {
+                ".".join(name.split(".")[-2:] if name.split(".")[-1].isdigit() else [leaf])
+                for name, module in net.named_modules()
+                if isinstance(module, nn.Linear | nn.Conv2d) and (leaf := name.split(".")[-1])
+            }
+        )
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"student.lora.target_modules={list(section.target_modules)} (the {role}'s LoRA) "
+            f"cannot be applied to {type(net).__name__}: {reason}\n"
+            f"its Linear/Conv2d layer names include: {', '.join(leaf_names[:24])}"
+        ) from None
+
+
 def trainable_copy(
     denoiser: nn.Module,
     kind: str,
@@ -45,13 +66,7 @@ def trainable_copy(
     net.requires_grad_(False)
     if kind == "lora":
         assert lora is not None
-        try:
-            net.add_adapter(lora_config(lora), adapter_name=ADAPTER)
-        except ValueError as err:
-            raise ValueError(
-                f"student.lora.target_modules={lora.target_modules} matched nothing usable in "
-                f"{type(net).__name__}: {err}"
-            ) from None
+        add_lora(net, lora, ADAPTER, "student")
         for name, param in net.named_parameters():  # the frozen base keeps the teacher's dtype
             if "lora_" in name:
                 param.data = param.data.float()
@@ -119,7 +134,7 @@ class SharedBase:
         with warnings.catch_warnings():  # "multiple adapters": exactly what we want here
             warnings.simplefilter("ignore", UserWarning)
             for name, section in adapters.items():
-                denoiser.add_adapter(lora_config(section), adapter_name=name)
+                add_lora(denoiser, section, name, name)
         self.layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
         for name, param in denoiser.named_parameters():
             is_lora = "lora_" in name

@@ -15,6 +15,17 @@ from distillkit.errors import DistillkitError
 EXIT_USER_ERROR = 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, samples, devices): a bad one is a usage error, exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per module of this package, each with its own ``add_parser``; their heavy
     imports (torch, diffusers) wait until a command runs, so ``--help`` stays fast."""

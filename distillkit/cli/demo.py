@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from distillkit.cli import positive_int
 from distillkit.errors import ConfigError
 
 RECIPE = Path("recipes/digits/dmd2_sd15.yaml")
@@ -78,6 +79,6 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="distil the digits teacher end to end (make demo)")
     p.add_argument("--recipe", default=str(RECIPE))
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--per-class", type=positive_int, default=50)
     p.add_argument("overrides", nargs="*", help="key.sub=value for the recipe")
     p.set_defaults(func=cmd_demo)

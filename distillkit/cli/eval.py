@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from distillkit.cli import positive_int
 from distillkit.errors import ConfigError
 
 
@@ -28,6 +29,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
     from distillkit.evaluation.digits_eval import evaluate_digits, format_table
 
+    if not (Path(args.pipeline_dir) / "model_index.json").is_file():
+        what = (
+            "does not exist" if not Path(args.pipeline_dir).exists() else "has no model_index.json"
+        )
+        raise ConfigError(
+            f"{args.pipeline_dir} {what}: give a diffusers pipeline directory "
+            "(e.g. runs/NAME/pipeline, or a teacher from `distillkit teach digits`)"
+        )
     if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
         if args.benchmark is not None:
             raise ConfigError("--benchmark and --prompts exclude each other: pick one")
@@ -108,8 +117,8 @@ def add_prompt_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", default=None, metavar="FILE", help=".txt / .jsonl / .csv")
     g.add_argument("--prompt-column", default="text", help="column of a .jsonl / .csv file")
     g.add_argument("--metrics", default="fid,clip", help="comma-separated: fid, clip")
-    g.add_argument("--images-per-prompt", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--images-per-prompt", type=positive_int, default=1)
+    g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--fid-weights", default=None, metavar="PATH", help="Inception v3 weights")
     g.add_argument("--fid-reference", default=None, metavar="DIR_OR_NPZ", help="real images")
     g.add_argument("--clip-model", default=None, help="open_clip architecture (ViT-L-14)")
@@ -121,11 +130,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("eval", help="score an exported pipeline: benchmark or prompt set")
     p.add_argument("pipeline_dir", help="a diffusers pipeline dir (e.g. runs/x/pipeline)")
     p.add_argument("--benchmark", default=None, choices=["digits"], help="default: digits")
-    p.add_argument("--steps", type=int, default=None, help="default: the export's card")
+    p.add_argument("--steps", type=positive_int, default=None, help="default: the export's card")
     p.add_argument(
         "--guidance", type=float, default=None, help="default: the export's card (0 for students)"
     )
-    p.add_argument("--per-class", type=int, default=100, help="samples per digit class")
+    p.add_argument("--per-class", type=positive_int, default=100, help="samples per digit class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="FILE.json")
     p.add_argument("--grid", default=None, metavar="FILE.png", help="10 classes x 8 samples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from distillkit.cli import positive_int
 from distillkit.plan import GIB, SHARDED, format_plan, lever_configs, parse_memory, plan_memory
 
 
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--gpu-memory", default="80GB", help="memory per device (default 80GB)")
-    p.add_argument("--gpus", type=int, default=1, help="devices the run is sharded over")
+    p.add_argument("--gpus", type=positive_int, default=1, help="devices the run is sharded over")
     p.add_argument("--sharding", choices=sorted(SHARDED), default="none")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.set_defaults(func=cmd_plan)

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from distillkit.benchmark.teachers import REPORT_FILE, digits_teacher_dir, get_spec
+from distillkit.cli import positive_int
 from distillkit.teachers.tiny import FAMILIES
 
 
@@ -19,7 +20,9 @@ def add_teach_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--quick", action="store_true", help="seconds of training, for tests")
     parser.add_argument("--eval", action="store_true", help="print judge accuracy and FD")
-    parser.add_argument("--per-class", type=int, default=100, help="eval samples per digit")
+    parser.add_argument(
+        "--per-class", type=positive_int, default=100, help="eval samples per digit"
+    )
     parser.add_argument("--results", type=Path, help="merge the scores into this JSON file")
 
 

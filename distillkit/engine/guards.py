@@ -103,20 +103,37 @@ def check_resume_config(path: Path, cfg: RunConfig, smoke: bool) -> None:
         )
 
 
-def prepare_output_dir(path: Path, resume: bool) -> None:
+# an earlier run's exports: a fresh run never overwrites them (its logs and run.yaml, which a run
+# that failed before its first checkpoint leaves behind, are rewritten)
+EXPORT_OUTPUTS = ("pipeline", "lora")
+
+
+def writable_dir(path: Path, field: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there, before hours of work
+    depend on it; ConfigError names ``field``."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir: {path} is a file; choose a directory path")
+        raise ConfigError(f"{field}: {path} is a file; choose a directory path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror})") from None
+        raise ConfigError(f"{field}: cannot write to {path} ({err.strerror})") from None
+
+
+def prepare_output_dir(path: Path, resume: bool) -> None:
+    writable_dir(path, "output_dir")
     if not resume and CheckpointDir(path / "checkpoints", 1).candidates():
         raise ConfigError(
             f"output_dir: {path} already holds checkpoints of a run; pass --resume to continue "
             "it, or choose another output_dir"
+        )
+    taken = [name for name in EXPORT_OUTPUTS if (path / name).exists()] if not resume else []
+    if taken:
+        raise ConfigError(
+            f"output_dir: {path} already holds {' and '.join(f'{n}/' for n in taken)} (an "
+            "earlier export?), which a new run would overwrite: choose another output_dir"
         )
 
 

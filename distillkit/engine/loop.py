@@ -35,6 +35,7 @@ from distillkit.engine.guards import (
     fault_point,
     prepare_output_dir,
     use_xformers,
+    writable_dir,
 )
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.nanguard import GuardedEMA, NanPolicy
@@ -547,6 +548,8 @@ def run(
     lock = RunLock(output_dir)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resume)
+        if cfg.data.cache_dir:
+            writable_dir(Path(cfg.data.cache_dir), "data.cache_dir")
         if resume:
             check_resume_config(output_dir, cfg, smoke)
         lock.acquire()

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from distillkit.errors import ConfigError
@@ -60,12 +60,6 @@ class LCMConfig(Strict):
         None, ge=0, description="latents=teacher: CFG scale (default: teacher.default_guidance)"
     )
     lr: dict[Literal["generator"], float] = Field(default_factory=lambda: {"generator": 1e-6})
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LCMConfig:
-        if self.w_max < self.w_min:
-            raise ValueError(f"w_max={self.w_max} is below w_min={self.w_min}")
-        return self
 
 
 # ----------------------------------------------------------------------------- pure math

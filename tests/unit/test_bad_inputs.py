@@ -198,3 +198,65 @@ def test_resume_with_a_different_config(workspace, capsys):
     (workspace["out"] / "run.yaml").write_text(yaml.safe_dump({"smoke": False, "config": saved}))
     err = _run(workspace, capsys, overrides=["--resume"])
     assert "holds checkpoints of a different run" in err and "train.seed: 7 -> 0" in err
+
+
+def test_lora_targets_that_match_nothing(workspace, capsys):
+    overrides = ["student.type=lora", "student.lora.target_modules=[no_such_layer]"]
+    err = _run(workspace, capsys, overrides=overrides)
+    assert "student.lora.target_modules=['no_such_layer']" in err and "to_q" in err
+
+
+def test_cache_dir_that_is_a_file(workspace, capsys):
+    target = workspace["tmp"] / "cache-file"
+    target.write_text("x")
+    err = _run(workspace, capsys, overrides=[f"data.cache_dir={target}"])
+    assert "data.cache_dir" in err and "is a file" in err
+
+
+def test_fresh_run_over_an_earlier_export(workspace, capsys):
+    (workspace["out"] / "pipeline").mkdir()
+    (workspace["out"] / "pipeline" / "model_index.json").write_text("{}")
+    err = _run(workspace, capsys)
+    assert "output_dir" in err and "pipeline/" in err
+
+
+def test_builtin_data_without_smoke(workspace, capsys):
+    err = _run(workspace, capsys, overrides=["--builtin-data"])
+    assert "--builtin-data only applies to --smoke" in err
+
+
+def test_smoke_with_missing_prompts(workspace, capsys):
+    err = _run(workspace, capsys, smoke=True, prompts=str(workspace["tmp"] / "none.txt"))
+    assert "data.prompts" in err and "none.txt" in err and "--builtin-data" in err
+
+
+def test_bad_metadata_jsonl(workspace, capsys):
+    folder = Path(workspace["tmp"]) / "images"
+    (folder / "metadata.jsonl").write_text("{broken\n")
+    err = _run(workspace, capsys, images=str(folder), disc=0.01)
+    assert "metadata.jsonl line 1" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["plan", "recipes/dmd2_sdxl.yaml", "--gpu-memory", "80XB"], "--gpu-memory '80XB'"),
+        (["plan", "recipes/dmd2_sdxl.yaml", "--gpu-memory", "-8GB"], "--gpu-memory"),
+        (["plan", "recipes/dmd2_sdxl.yaml", "--gpus", "0"], "--gpus"),
+        (["eval", "no/such/pipeline"], "does not exist"),
+        (["eval", ".", "--steps", "x"], "--steps"),
+        (["eval", ".", "--per-class", "0"], "--per-class"),
+        (["eval", "."], "has no model_index.json"),
+        (["teach", "digits", "--family", "sd4"], "--family"),
+        (["ls", "extra"], "unrecognized"),
+        (["run"], "config"),
+    ],
+)
+def test_bad_command_lines(argv, named, capsys):
+    """Usage errors (argparse's exit 2) and bad values read by a command (ConfigError)."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse reports usage errors by exiting
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err

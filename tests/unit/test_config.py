@@ -77,6 +77,25 @@ BAD_OVERRIDES = [
     (["export.tolerance=0"], "export.tolerance"),
     (["train"], "key.sub=value"),
     (["train.max_steps.x=1"], "train.max_steps"),
+    # ranges bounded by two fields must not be empty (they trained silently before)
+    (["recipe.min_t=0.9", "recipe.max_t=0.5"], "min_t=0.9 is above max_t=0.5"),
+    (["recipe.name=sid", "recipe.min_t=0.6", "recipe.max_t=0.3"], "min_t=0.6 is above max_t"),
+    (["recipe.name=swiftbrush", "recipe.min_t=0.9", "recipe.max_t=0.2"], "range is empty"),
+    (["recipe.name=apt", "recipe.min_t=0.8", "recipe.max_t=0.4"], "range is empty"),
+    (["recipe.name=lcm", "recipe.w_min=9", "recipe.w_max=3"], "w_min=9.0 is above w_max=3.0"),
+    (["recipe.fake_guidance_scale=2"], "fake_guidance_scale"),
+    (["output_dir="], "output_dir"),
+    (["teacher.dtype=fp64"], "teacher.dtype"),
+    (["hub.repo_id=bad!id"], "hub.repo_id"),
+    (["hub.push=true"], "hub.repo_id is required"),
+    (["train.checkpoints_keep=0"], "train.checkpoints_keep"),
+    (["train.adam_beta1=1"], "train.adam_beta1"),
+    (["train.nan_policy=retry"], "train.nan_policy"),
+    (["train.ema.decay=1"], "train.ema.decay"),
+    (["logging.sample_per_prompt=0"], "logging.sample_per_prompt"),
+    (["student.lora.target_modules=[]"], "student.lora.target_modules"),
+    (["recipe.lr=3"], "recipe.lr"),
+    (["export.relative_tolerance=2"], "export.relative_tolerance"),
 ]
 
 
