@@ -129,6 +129,13 @@ class TrainConfig(Strict):
     )
     nan_max_skips: int = Field(10, ge=1, description="consecutive skipped steps before stopping")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1)
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        description="signals that checkpoint at the next step and exit 75 (SLURM, Kubernetes)",
+    )
+    preempt_grace_s: float = Field(
+        60.0, ge=0, description="seconds the scheduler gives after its signal before it kills"
+    )
 
 
 class ExportConfig(Strict):

@@ -15,3 +15,11 @@ class ExportError(DistillkitError):
 
 class TrainingDiverged(DistillkitError):
     """Losses or gradients became NaN/Inf and the configured policy says stop."""
+
+
+class Preempted(Exception):
+    """A pre-emption signal stopped the run at a step boundary (not an error: requeue it)."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -1,7 +1,8 @@
 """`distillkit run | validate | ls | plan | export | eval | push | demo | teach`: recipes as YAML
 plus key.sub=value overrides. One module per command in this package.
 
-User errors (bad config, missing files, failed export checks) print one message and exit 2.
+User errors (bad config, missing files, failed export checks) print one message and exit 2; a
+run stopped by a pre-emption signal checkpoints and exits 75 (distillkit.engine.preempt).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import os
 import sys
 
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, Preempted
 
 EXIT_USER_ERROR = 2
 
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except DistillkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stop:
+        from distillkit.engine.preempt import EXIT_PREEMPTED
+
+        print(f"pre-empted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -201,7 +201,9 @@ def fault_active(name: str) -> bool:
 
 
 def fault_point(name: str) -> None:
-    """DISTILLKIT_FAULT=<name> kills the process with SIGKILL right here, exactly like a
-    pre-emption or the OOM killer would."""
-    if fault_active(name):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """DISTILLKIT_FAULT=<name> kills the process with SIGKILL right here, exactly like the OOM
+    killer would; DISTILLKIT_FAULT=<SIGNAL>:<name> sends that signal instead (a scheduler's
+    pre-emption notice, e.g. SIGTERM:after-step-3)."""
+    signal_name, _, point = os.environ.get("DISTILLKIT_FAULT", "").rpartition(":")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, signal_name or "SIGKILL"))

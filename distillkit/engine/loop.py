@@ -40,6 +40,7 @@ from distillkit.engine.guards import (
 from distillkit.engine.logging import MetricsLogger, progress_bar
 from distillkit.engine.nanguard import GuardedEMA, NanPolicy
 from distillkit.engine.optim import build_optimizer, folds_clipping, guarded_step
+from distillkit.engine.preempt import PreemptionWatch, clear_marker, write_marker
 from distillkit.engine.sharding import (
     gather_full,
     gather_tensors,
@@ -49,7 +50,7 @@ from distillkit.engine.sharding import (
     make_accelerator,
 )
 from distillkit.engine.state import CheckpointDir, load_trainable
-from distillkit.errors import ConfigError, TrainingDiverged
+from distillkit.errors import ConfigError, Preempted, TrainingDiverged
 from distillkit.export import ExportReport
 from distillkit.export.run import export_run
 from distillkit.recipes.base import Batch, Recipe
@@ -126,6 +127,7 @@ class Trainer:
             self.output_dir / "checkpoints", cfg.train.checkpoints_keep
         )
         self.start_step = 0
+        self.checkpoint_seconds = 0.0  # the last checkpoint's write time: fits the grace period?
         self.lr_scale = 1.0
         self.callbacks = default_callbacks(cfg) if accelerator.is_main_process else []
         if is_sharded(accelerator) and cfg.logging.sample_every > 0:
@@ -215,7 +217,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> None:
-        acc = self.accelerator
+        acc, began = self.accelerator, time.perf_counter()
         params = [p for ps in self.params.values() for p in ps]
         if not all_finite(params):
             raise TrainingDiverged(
@@ -234,6 +236,22 @@ class Trainer:
         if acc.is_main_process:
             self.checkpoints.commit(tmp, step, {"step": step, "recipe": self.cfg.recipe.name})
         acc.wait_for_everyone()
+        self.checkpoint_seconds = time.perf_counter() - began
+
+    def stop_preempted(self, step: int, signal_name: str) -> None:
+        """After the pre-emption checkpoint (or without one, when the grace period had no room
+        for it): the marker a requeue script reads, then a clean exit with EXIT_PREEMPTED."""
+        found = self.checkpoints.latest_good()
+        name = None if found is None else found[0].name
+        if self.accelerator.is_main_process:
+            write_marker(self.output_dir, step, signal_name, name)
+        self.accelerator.wait_for_everyone()
+        saved = f"checkpoint {name}" if name else "no checkpoint yet"
+        raise Preempted(
+            f"{signal_name} at step {step}: stopped at the step boundary with {saved} "
+            f"(train.preempt_grace_s={self.cfg.train.preempt_grace_s:g}); continue with --resume",
+            step,
+        )
 
     def load_latest(self) -> bool:
         found = self.checkpoints.latest_good(warn=self.accelerator.print)
@@ -409,7 +427,9 @@ class Trainer:
         pending: list[dict[str, torch.Tensor]] = []
         bar = progress_bar(cfg.logging.progress_bar and main)
         total, step = cfg.train.max_steps, self.start_step
-        with bar:
+        watch = PreemptionWatch(cfg.train.preempt_signals, cfg.train.preempt_grace_s)
+        preempt = False
+        with bar, watch:
             task = bar.add_task(cfg.recipe.name, total=total, completed=step, speed="", losses="")
             while step < total:
                 logs = self.train_step(step)
@@ -420,8 +440,11 @@ class Trainer:
                 pending.append(logs)
                 step += 1
                 fault_point(f"after-step-{step}")
-                log_now = step % cfg.logging.every == 0 or step == total
+                preempt = watch.agreed(acc) and step < total
+                log_now = step % cfg.logging.every == 0 or step == total or preempt
                 save_now = step % cfg.train.checkpoint_every == 0 or step == total
+                if preempt and not save_now:
+                    save_now = watch.time_to_checkpoint(acc, self.checkpoint_seconds)
                 if log_now or save_now:  # the deferred NaN guard, where the loop syncs anyway
                     restart = self.check_nonfinite(step - 1)
                     if restart is not None:
@@ -446,11 +469,17 @@ class Trainer:
                     pending, window = [], time.perf_counter()
                 if save_now:
                     self.save_checkpoint(step)
+                if preempt:
+                    break
                 for callback in self.callbacks:
                     callback.on_step_end(self, step)
         train_seconds = time.perf_counter() - started
         dump_rank_state(self)  # test-only, every rank: no-op unless DISTILLKIT_DUMP_RANK_WEIGHTS
         logger.close()
+        if preempt:
+            self.stop_preempted(step, watch.received or "?")
+        if main:
+            clear_marker(self.output_dir)
         if main:
             summary = {"steps": total, "train_seconds": round(train_seconds, 2)}
             (self.output_dir / "train.json").write_text(json.dumps(summary))

@@ -1,13 +1,16 @@
-"""Nothing lost: SIGKILL at any point resumes bit-exactly; corrupt checkpoints are skipped;
-NaN policies hold; one run per output directory; failed exports leave the old one intact."""
+"""Nothing lost: SIGKILL at any point resumes bit-exactly; a pre-emption signal checkpoints at
+the step boundary and exits 75, and resumes bit-exactly; corrupt checkpoints are skipped; NaN
+policies hold; one run per output directory; failed exports leave the old one intact."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,56 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, uninterrupted, fault):
     assert state.keys() == uninterrupted.keys()
     different = [k for k in state if state[k] != uninterrupted[k]]
     assert not different, f"resumed run differs in {different[:5]}"
+
+
+@pytest.mark.parametrize(("sig", "at"), [("SIGTERM", 3), ("SIGUSR1", 5)])
+def test_preemption_signal_checkpoints_then_resume_is_bit_exact(tmp_path, uninterrupted, sig, at):
+    """The signal arrives between steps (checkpoint_every=2, so step 3 and 5 are off-cadence):
+    the run writes a checkpoint there, the marker a requeue script reads, and exits 75."""
+    out = tmp_path / "run"
+    stopped = run_cli(out, fault=f"{sig}:after-step-{at}")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert f"{sig} at step {at}" in stopped.stderr and "Traceback" not in stopped.stderr
+    marker = json.loads((out / "preempted.json").read_text())
+    assert marker["step"] == at and marker["checkpoint"] == f"step-{at:07d}"
+    assert not (out / "pipeline").exists()
+    resumed = run_cli(out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step-{at:07d}" in resumed.stdout + resumed.stderr
+    assert not (out / "preempted.json").exists()
+    state = final_state(out)
+    different = [k for k in state if state[k] != uninterrupted[k]]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_preemption_without_time_for_a_checkpoint_keeps_the_last_one(tmp_path):
+    out = tmp_path / "run"
+    stopped = run_cli(out, "train.preempt_grace_s=0", fault="SIGTERM:after-step-3")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000002"]
+    assert json.loads((out / "preempted.json").read_text())["checkpoint"] == "step-0000002"
+
+
+def test_preemption_by_an_outside_signal(tmp_path):
+    """A real signal from another process, at whatever step the run is on."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLKIT_FAULT"}
+    args = [sys.executable, "-m", "distillkit.cli", "run", *COMMON, f"output_dir={out}"]
+    args += ["train.max_steps=400", "train.checkpoint_every=1000", "logging.every=1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr.decode()[-2000:]
+    step = json.loads((out / "preempted.json").read_text())["step"]
+    assert 2 <= step < 400 and (out / "checkpoints" / f"step-{step:07d}").is_dir()
+    finished = run_cli(out, f"train.max_steps={step + 1}", resume=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert (out / "pipeline" / "model_index.json").is_file()
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path):

@@ -1,0 +1,77 @@
+"""Pre-emption: SLURM and Kubernetes send a signal (SIGTERM, or SLURM's ``--signal=USR1@T``) a
+grace period before they kill a job. The run then checkpoints at the next step boundary, writes
+OUTPUT_DIR/preempted.json and exits with EXIT_PREEMPTED, which a requeue script tests; ``--resume``
+continues bit-exactly, as from any checkpoint.
+
+Why not torch elastic's own handling: it restarts workers on failure, it does not checkpoint; and
+the ranks must agree on the step they stop at, so the flag a handler sets travels through
+accelerate's trigger (an all-reduce) at every step boundary of a multi-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+MARKER = "preempted.json"
+
+
+class PreemptionWatch:
+    """Installs handlers for ``signals`` while training; ``requested`` once one arrived."""
+
+    def __init__(self, signals: list[str], grace_s: float) -> None:
+        self.signals = [getattr(signal, name) for name in signals]
+        self.grace_s = grace_s
+        self.received: str | None = None
+        self.at: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:  # a second signal changes nothing: the first one's clock runs
+            self.received, self.at = signal.Signals(signum).name, time.monotonic()
+
+    def __enter__(self) -> PreemptionWatch:
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def agreed(self, acc: Accelerator) -> bool:
+        """Did any rank receive a signal? Every rank gets the same answer at the same step."""
+        if acc.num_processes == 1:
+            return self.received is not None
+        if self.received is not None:
+            acc.set_trigger()
+        return acc.check_trigger()
+
+    def time_to_checkpoint(self, acc: Accelerator, checkpoint_seconds: float) -> bool:
+        """Whether a checkpoint (as long as the last one took) still fits in the grace period;
+        rank 0 decides for all, so no rank waits in a save the others skip."""
+        elapsed = 0.0 if self.at is None else time.monotonic() - self.at
+        decision = [elapsed + checkpoint_seconds <= self.grace_s]
+        if acc.num_processes > 1:
+            broadcast_object_list(decision, from_process=0)
+        return bool(decision[0])
+
+
+def write_marker(output_dir: Path, step: int, signal_name: str, checkpoint: str | None) -> None:
+    """OUTPUT_DIR/preempted.json: what a requeue script reads under a launcher (torchrun,
+    accelerate launch) that reports its own exit code instead of the workers'."""
+    info = {"step": step, "signal": signal_name, "checkpoint": checkpoint, "resume": "--resume"}
+    (output_dir / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def clear_marker(output_dir: Path) -> None:
+    (output_dir / MARKER).unlink(missing_ok=True)
