@@ -13,6 +13,11 @@ class ExportError(DistillkitError):
     """An export failed verification; the previous export (if any) is untouched."""
 
 
+class WriteFailed(DistillkitError):
+    """A checkpoint or export could not be written (a full disk, a quota): what was there
+    before stands, the temporary files are gone."""
+
+
 class TrainingDiverged(DistillkitError):
     """Losses or gradients became NaN/Inf and the configured policy says stop."""
 

@@ -7,7 +7,6 @@ an output directory is owned by one run at a time, and non-finite weights never 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -193,17 +192,3 @@ def all_finite(params) -> bool:
     """One host sync for a whole parameter list (used before checkpoints and exports only)."""
     flags = [torch.isfinite(p.detach()).all() for p in params]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def fault_active(name: str) -> bool:
-    """Fault injection for the crash-safety tests, off unless DISTILLKIT_FAULT names ``name``."""
-    return os.environ.get("DISTILLKIT_FAULT") == name
-
-
-def fault_point(name: str) -> None:
-    """DISTILLKIT_FAULT=<name> kills the process with SIGKILL right here, exactly like the OOM
-    killer would; DISTILLKIT_FAULT=<SIGNAL>:<name> sends that signal instead (a scheduler's
-    pre-emption notice, e.g. SIGTERM:after-step-3)."""
-    signal_name, _, point = os.environ.get("DISTILLKIT_FAULT", "").rpartition(":")
-    if point == name:
-        os.kill(os.getpid(), getattr(signal, signal_name or "SIGKILL"))

@@ -31,8 +31,6 @@ from distillkit.engine.guards import (
     all_finite,
     check_resume_config,
     check_runtime,
-    fault_active,
-    fault_point,
     prepare_output_dir,
     use_xformers,
     writable_dir,
@@ -50,9 +48,10 @@ from distillkit.engine.sharding import (
     make_accelerator,
 )
 from distillkit.engine.state import CheckpointDir, load_trainable
-from distillkit.errors import ConfigError, Preempted, TrainingDiverged
+from distillkit.errors import ConfigError, Preempted, TrainingDiverged, WriteFailed
 from distillkit.export import ExportReport
 from distillkit.export.run import export_run
+from distillkit.faults import fault_active, fault_point
 from distillkit.recipes.base import Batch, Recipe
 from distillkit.registry import get_recipe
 from distillkit.students import trainable_parameters
@@ -223,18 +222,32 @@ class Trainer:
             raise TrainingDiverged(
                 f"step {step}: trainable weights are not finite; no checkpoint was written"
             )
-        if acc.is_main_process:
-            self.checkpoints.staging(step)
-        acc.wait_for_everyone()
         tmp = self.checkpoints.root / f".tmp-step-{step:07d}"
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            for name, module in self.recipe.state_modules().items():
-                save_file(module.state_dict(), str(tmp / f"state-{name}.safetensors"))
-        fault_point(f"checkpoint-write-{step}")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.checkpoints.commit(tmp, step, {"step": step, "recipe": self.cfg.recipe.name})
+        try:
+            if acc.is_main_process:
+                self.checkpoints.staging(step)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                for name, module in self.recipe.state_modules().items():
+                    save_file(module.state_dict(), str(tmp / f"state-{name}.safetensors"))
+            fault_point(f"checkpoint-write-{step}", tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self.checkpoints.commit(tmp, step, {"step": step, "recipe": self.cfg.recipe.name})
+        except OSError as err:
+            self.checkpoints.discard(tmp)
+            found = self.checkpoints.latest_good(warn=lambda _: None)
+            kept = (
+                f"the previous checkpoint {found[0].name} and checkpoints/latest stand"
+                if found
+                else "there is no earlier checkpoint"
+            )
+            raise WriteFailed(
+                f"checkpoint step-{step:07d}: cannot write {err.filename or tmp} ({err.strerror})"
+                f"; {kept} and the temporary files are removed: free space (or lower "
+                "train.checkpoints_keep), then --resume"
+            ) from None
         acc.wait_for_everyone()
         self.checkpoint_seconds = time.perf_counter() - began
 

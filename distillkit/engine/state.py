@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distillkit.errors import DistillkitError
+from distillkit.faults import fault_point
 
 MANIFEST = "manifest.json"
 
@@ -111,19 +112,35 @@ class CheckpointDir:
         return tmp
 
     def commit(self, tmp: Path, step: int, meta: dict) -> Path:
-        write_manifest(tmp, meta)
-        _fsync_tree(tmp)
+        """Manifest, fsync, rename, then move `latest`. A write that fails (a full disk) undoes
+        this checkpoint whole: the previous one and `latest` stay as they were."""
         final = self.root / f"step-{step:07d}"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         pointer = self.root / "latest.tmp"
-        pointer.write_text(final.name)
-        with open(pointer, "rb") as handle:
-            os.fsync(handle.fileno())
-        pointer.replace(self.root / "latest")
+        renamed = False
+        try:
+            write_manifest(tmp, meta)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            renamed = True
+            fault_point(f"checkpoint-commit-{step}", pointer)
+            pointer.write_text(final.name)
+            with open(pointer, "rb") as handle:
+                os.fsync(handle.fileno())
+            pointer.replace(self.root / "latest")
+        except OSError:
+            self.discard(tmp)
+            pointer.unlink(missing_ok=True)
+            if renamed:
+                shutil.rmtree(final, ignore_errors=True)
+            raise
         self._prune()
         return final
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a checkpoint that will not be committed (its temporary directory)."""
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def candidates(self) -> list[Path]:
         """Checkpoints newest first, the `latest` pointer's target leading."""

@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from distillkit.errors import ExportError
+from distillkit.faults import fault_point
 from distillkit.students import is_lora, lora_owner, merged_copy, plain_copy
 from distillkit.teachers.base import TeacherAdapter
 
@@ -194,6 +195,7 @@ def export_student(
     try:
         pipe = teacher.pipeline_for_export(merged)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        fault_point("export-save", tmp)
         _default_to_fp32(tmp)
         calls = {str(k): {**call_arguments(teacher, k), "guidance_scale": 0.0} for k in shipped}
         meta = {**calls[str(steps)], "calls": calls, **(metadata or {})}
@@ -218,6 +220,7 @@ def export_student(
             lora_tmp = output_dir / f".lora.tmp-{os.getpid()}"
             shutil.rmtree(lora_tmp, ignore_errors=True)
             layers, adapter_metadata = lora_state(generator)
+            fault_point("export-lora", lora_tmp)
             prefix = teacher.denoiser_attr
             type(teacher.pipe).save_lora_weights(
                 lora_tmp,

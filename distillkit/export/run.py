@@ -11,11 +11,28 @@ from pathlib import Path
 from torch import nn
 
 from distillkit.config import RunConfig
+from distillkit.errors import WriteFailed
 from distillkit.export.card import card_info, write_model_card
 from distillkit.export.pipeline import ExportReport, export_student
+from distillkit.faults import fault_point
 from distillkit.teachers.base import TeacherAdapter
 
 EXPORT_SUMMARY = "export.json"
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """export.json, replaced whole or not at all (the pipeline it describes is already in place;
+    a full disk here leaves the previous summary, and says so)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(summary, indent=1))
+        fault_point("export-summary", tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(
+            f"export: the pipeline is in place but {path} could not be written ({err.strerror})"
+        ) from None
 
 
 def export_run(
@@ -34,20 +51,28 @@ def export_run(
 
     def write_card(pipeline_dir: Path, shipped_steps: int) -> None:
         info.num_inference_steps = shipped_steps
+        fault_point("export-card", pipeline_dir)
         write_model_card(pipeline_dir, info)
 
-    report = export_student(
-        teacher,
-        generator,
-        output_dir,
-        steps=steps,
-        verify=cfg.export.verify,
-        tolerance=cfg.export.tolerance,
-        relative_tolerance=cfg.export.relative_tolerance,
-        lora_file=cfg.export.lora_file,
-        write_card=write_card,
-        metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
-    )
+    try:
+        report = export_student(
+            teacher,
+            generator,
+            output_dir,
+            steps=steps,
+            verify=cfg.export.verify,
+            tolerance=cfg.export.tolerance,
+            relative_tolerance=cfg.export.relative_tolerance,
+            lora_file=cfg.export.lora_file,
+            write_card=write_card,
+            metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
+        )
+    except OSError as err:  # export_student has removed its temporary directories
+        raise WriteFailed(
+            f"export: cannot write {err.filename or output_dir} ({err.strerror}); the previous "
+            f"export in {output_dir} (if any) is untouched and the temporary files are removed: "
+            f"free space, then `distillkit export {output_dir}` (the checkpoints hold the run)"
+        ) from None
     teacher_dtype = str(teacher.dtype).removeprefix("torch.")
     summary = {
         "pipeline": str(report.pipeline_dir),
@@ -61,7 +86,7 @@ def export_run(
         "teacher_dtype": teacher_dtype,
         "shipped_steps": list(report.shipped_steps),
     }
-    (output_dir / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=1))
+    _write_summary(output_dir / EXPORT_SUMMARY, summary)
     if (report.rounding_rel_rms or 0) > cfg.export.relative_tolerance:
         say(
             f"warning: the export's {teacher_dtype} weights round away part of training "

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distillkit"
 
 # lowest first; a unit may import its own modules and any unit of a lower layer
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "schema"),
+    ("errors", "schema", "faults"),
     ("tensors", "images", "clip", "diffusion", "plan_arch"),
     ("registry",),
     ("config",),
