@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +42,9 @@ from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import plain_copy, trainable_copy
 from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -152,7 +155,7 @@ def load_exported_denoiser(path: str, teacher: TeacherAdapter) -> nn.Module:
 class APT(Recipe):
     config_class = APTConfig
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         cfg, student = self.cfg, run_cfg.student
         ckpt = run_cfg.train.gradient_checkpointing
@@ -168,7 +171,7 @@ class APT(Recipe):
         self.roles["discriminator"] = disc.to(teacher.device)
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         # both networks are copies (no shared base): the generator may start from another
         # export, and D trains whole, with one head per tapped depth
         kind, lora = run_cfg.student.type, run_cfg.student.lora

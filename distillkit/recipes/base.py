@@ -7,12 +7,15 @@ recipe owns the networks it trains and the math. It never sees optimisers, devic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from distillkit.teachers.base import TeacherAdapter
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 
 @dataclass
@@ -78,13 +81,13 @@ class RoleFootprint:
     backprop_through: tuple[str, ...] = ()
 
 
-def student_role(run_cfg, name: str = "generator", **extra) -> RoleFootprint:
+def student_role(run_cfg: RunConfig, name: str = "generator", **extra) -> RoleFootprint:
     """The student's footprint: ``student.type`` with ``student.lora``, on the shared base if
     configured (every recipe's generator is built this way)."""
     return peer_role(run_cfg, name, run_cfg.student.type, run_cfg.student.lora, **extra)
 
 
-def peer_role(run_cfg, name: str, kind: str, lora, **extra) -> RoleFootprint:
+def peer_role(run_cfg: RunConfig, name: str, kind: str, lora, **extra) -> RoleFootprint:
     """A role built like the student from the teacher's denoiser (role_networks)."""
     is_lora = kind == "lora"
     return RoleFootprint(
@@ -109,12 +112,12 @@ class Recipe:
         return False
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         """The networks this configuration holds: the trainable roles in ``roles`` order, then
         frozen copies (``state_modules``)."""
         raise NotImplementedError(f"{cls.__name__} does not declare its footprint")
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         self.run_cfg = run_cfg
         self.cfg = run_cfg.recipe
         self.teacher = teacher

@@ -9,7 +9,7 @@ simulation. Defaults are the paper's SDXL settings unless a YAML says otherwise.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from distillkit.recipes.gan import (
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.teachers.base import Conditioning, TeacherAdapter, tree_cat
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 
 class DMD2Config(Strict):
@@ -99,14 +102,14 @@ def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
 class DMD2(Recipe):
     config_class = DMD2Config
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         self.roles["generator"], self.roles["fake_score"] = generator_and_fake_score(
             run_cfg, teacher, self.cfg.fake_score, self.cfg.gan
         )
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         cfg = run_cfg.recipe
         through_fake = ("fake_score",) if cfg.gan_generator_weight > 0 else ()
         return [

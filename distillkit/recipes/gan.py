@@ -7,12 +7,16 @@ post-training reuse the same head and the non-saturating logistic losses.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.teachers.base import TeacherAdapter, compute_dtype
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 
 def gan_generator_loss(fake_logits: Tensor) -> Tensor:
@@ -132,7 +136,7 @@ def predict_with_features(
 
 
 def generator_and_fake_score(
-    run_cfg, teacher: TeacherAdapter, fake_kind: str, gan: bool
+    run_cfg: RunConfig, teacher: TeacherAdapter, fake_kind: str, gan: bool
 ) -> tuple[nn.Module, TappedBackbone]:
     """The two roles of score-distillation recipes (DMD2, SiD): a generator and a fake score,
     the latter with a GAN head when an adversarial term is configured."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from distillkit.schema import Strict
 from distillkit.students import role_networks
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.tensors import masked_lerp_
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 
 class LCMConfig(Strict):
@@ -105,7 +108,7 @@ def ema_update(
 class LCM(Recipe):
     config_class = LCMConfig
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         student, cfg = run_cfg.student, self.cfg
         if student.start_timestep is not None:
@@ -140,7 +143,7 @@ class LCM(Recipe):
         teacher.use_sampling_grid(steps)
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         roles = [student_role(run_cfg)]
         if run_cfg.student.type == "full":  # the EMA target, a frozen copy (state_modules)
             roles.append(RoleFootprint("target", "frozen"))

@@ -22,7 +22,7 @@ A digits row comparing the two inputs is still owed (it needs a sampler outside 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -40,6 +40,9 @@ from distillkit.recipes.gan import (
 from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.teachers.base import Conditioning, TeacherAdapter
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 LSG_SCALE = 4.5  # SiD-LSG's released kappa_1..4 (the CLIP-optimal setting; 1.5 is FID-optimal)
 
@@ -146,14 +149,14 @@ def sid_generator_loss(
 class SiD(Recipe):
     config_class = SiDConfig
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         self.roles["generator"], self.roles["fake_score"] = generator_and_fake_score(
             run_cfg, teacher, self.cfg.fake_score, self.cfg.gan
         )
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         cfg = run_cfg.recipe
         return [
             # SiD's generator loss differentiates through the fake score's output

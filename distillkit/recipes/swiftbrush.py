@@ -16,7 +16,7 @@ model, and ``clip_weight * (1 - min(cos(image, prompt), clip_clamp))`` joins the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from distillkit.registry import register_recipe
 from distillkit.schema import Strict
 from distillkit.students import role_networks
 from distillkit.teachers.base import TeacherAdapter
+
+if TYPE_CHECKING:
+    from distillkit.config import RunConfig
 
 
 class SwiftBrushConfig(Strict):
@@ -142,7 +145,7 @@ class SwiftBrush(Recipe):
 
     config_class = SwiftBrushConfig
 
-    def __init__(self, run_cfg, teacher: TeacherAdapter) -> None:
+    def __init__(self, run_cfg: RunConfig, teacher: TeacherAdapter) -> None:
         super().__init__(run_cfg, teacher)
         cfg, student = self.cfg, run_cfg.student
         fake_lora = _fake_lora(run_cfg)
@@ -158,7 +161,7 @@ class SwiftBrush(Recipe):
             self.clip = load_clip_guide(cfg.clip_model, cfg.clip_weights, teacher.device)
 
     @classmethod
-    def footprint(cls, run_cfg) -> list[RoleFootprint]:
+    def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
         # VSD's generator gradient is computed without autograd through either score network;
         # the optional CLIP term back-propagates through the VAE decoder and CLIP (not counted)
         return [
