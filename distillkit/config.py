@@ -136,6 +136,12 @@ class TrainConfig(Strict):
     preempt_grace_s: float = Field(
         60.0, ge=0, description="seconds the scheduler gives after its signal before it kills"
     )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="multi-process runs: seconds a rank waits for the others (a dead or hung "
+        "rank) before it stops with a message",
+    )
 
 
 class ExportConfig(Strict):

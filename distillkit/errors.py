@@ -18,6 +18,10 @@ class WriteFailed(DistillkitError):
     before stands, the temporary files are gone."""
 
 
+class PeerLost(DistillkitError):
+    """A collective with the other processes of a multi-process run failed or timed out."""
+
+
 class TrainingDiverged(DistillkitError):
     """Losses or gradients became NaN/Inf and the configured policy says stop."""
 

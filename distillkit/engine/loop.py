@@ -48,7 +48,7 @@ from distillkit.engine.sharding import (
     make_accelerator,
 )
 from distillkit.engine.state import CheckpointDir, load_trainable
-from distillkit.errors import ConfigError, Preempted, TrainingDiverged, WriteFailed
+from distillkit.errors import ConfigError, PeerLost, Preempted, TrainingDiverged, WriteFailed
 from distillkit.export import ExportReport
 from distillkit.export.run import export_run
 from distillkit.faults import fault_active, fault_point
@@ -585,7 +585,7 @@ def run(
     if builtin_data and not smoke:
         raise ConfigError("--builtin-data only applies to --smoke runs: a real run reads data.*")
     check_runtime(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     output_dir = Path(cfg.output_dir)
     lock = RunLock(output_dir)
     if accelerator.is_main_process:
@@ -598,5 +598,25 @@ def run(
     try:
         trainer = Trainer(cfg, accelerator, smoke=smoke, resume=resume, builtin_data=builtin_data)
         return trainer.train()
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if accelerator.num_processes == 1 or not is_collective_failure(err):
+            raise
+        found = CheckpointDir(output_dir / "checkpoints", 1).latest_good(warn=lambda _: None)
+        kept = f"checkpoint {found[0].name}" if found else "no checkpoint yet"
+        raise PeerLost(
+            f"rank {accelerator.process_index}: a collective with the other processes failed "
+            f"({str(err).strip().splitlines()[0][:300]}); another rank stopped (its log says "
+            f"why) or hung past train.collective_timeout_s={cfg.train.collective_timeout_s:g}. "
+            f"The run holds {kept}: relaunch every rank with --resume"
+        ) from None
     finally:
         lock.release()
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """torch.distributed's own errors, and gloo's / NCCL's plain RuntimeErrors (a closed
+    connection, a timeout) that a dead or hung peer causes."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return any(s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Timed out"))

@@ -18,6 +18,7 @@ states) run on gloo. It is how tests/integration/test_fsdp.py runs FSDP without 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -27,16 +28,23 @@ from torch import nn
 CPU_FSDP_ENV = "DISTILLKIT_FSDP_ON_CPU"
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, collective_timeout_s: float = 600) -> Accelerator:
+    """``collective_timeout_s``: how long a rank waits in a collective for the others (a dead
+    or hung peer) before it fails, through accelerate's InitProcessGroupKwargs."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
     if os.environ.get(CPU_FSDP_ENV) != "1":
-        accelerator = Accelerator(mixed_precision=mixed_precision)
+        accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
         _check_world(accelerator)
         return accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ... from env
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, fsdp_plugin=plugin)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=True, fsdp_plugin=plugin, kwargs_handlers=handlers
+    )
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"{CPU_FSDP_ENV}=1 needs a multi-process CPU launch (torchrun)")
     # what AcceleratorState.__init__ does for FSDP on GPUs (state.py: distributed_type = FSDP,
