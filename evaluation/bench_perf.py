@@ -35,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import psutil
 import yaml
-from bench_quality import git_commit  # evaluation/ is on sys.path when run as a script
+
+from distillkit.benchmark.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("PERF_WORK", "/tmp/distillkit-perf"))
@@ -159,7 +160,13 @@ def teacher_footprint(shared_mb: float) -> dict:
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--teacher-footprint"]:  # only this figure, merged into perf.json
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--teacher-footprint", action="store_true", help="only that figure, merged into perf.json"
+    )
+    if parser.parse_args().teacher_footprint:
         merged = json.loads(OUT.read_text())
         shared = next(v for v in merged["plan_validation"] if "adapter-shared" in v["config"])
         merged["adapter_shared_vs_teacher_inference"] = {

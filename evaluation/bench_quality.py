@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+from distillkit.benchmark.provenance import git_commit, machine
 
 # On a busy CPU, OpenMP's default spin-waiting threads made small convs ~80x slower here
 # (24 ms vs 0.3 ms); passive waiting costs little when idle. Set before torch loads; the
@@ -76,33 +77,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.per_class = args.per_class or (2 if args.quick else 100)
     args.sweep = (1.0,) if args.quick else SWEEP
     return args
-
-
-def machine_info() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-
-
-def git_commit() -> str:
-    """HEAD, marked -dirty when the work tree has changes (read-only git calls)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
 
 
 def teacher_card(family: str) -> dict:
@@ -375,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     grids.mkdir(parents=True, exist_ok=True)
     args.judge, args.split = load_judge(args.judge_cache)
     results: dict = {
-        "machine": machine_info(),
+        "machine": machine(),
         "commit": git_commit(),
         "command": "make bench-quality" + (" (--quick)" if args.quick else ""),
         "protocol": protocol(args),

@@ -34,14 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's distillkit, whatever is installed
 
+from distillkit.benchmark.provenance import git_commit, machine  # noqa: E402
 from distillkit.benchmark.realsize_cases import (  # noqa: E402
     FAMILIES,
     FAMILY_CARDS,
     GIB,
     Case,
-    cpu_machine,
     file_sizes,
-    git_commit,
     mem_available,
     plan_summary,
     step_records,
@@ -497,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         return retry_recorded(args.retry_export, args, work, env)
     data = write_bench_data(work / "data")
     how = {  # per family: families are measured by separate invocations, then merged
-        "machine": cpu_machine(),
+        "machine": machine(),
         "commit": git_commit(),
         "python_executable": sys.executable,
         "command": shlex.join(["python", "evaluation/bench_realsize.py", *(argv or sys.argv[1:])]),

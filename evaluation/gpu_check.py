@@ -36,14 +36,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's distillkit (not installed on the GPU machine)
 
+from distillkit.benchmark.provenance import git_commit, machine  # noqa: E402
 from distillkit.benchmark.realsize_cases import (  # noqa: E402
     FAMILIES,
     FAMILY_CARDS,
     GIB,
     Case,
-    cpu_machine,
     file_sizes,
-    git_commit,
     plan_summary,
     step_records,
     write_bench_data,
@@ -273,7 +272,7 @@ def check(args, argv: list[str] | None) -> int:
         "command": shlex.join(["python3", "evaluation/gpu_check.py", *(argv or sys.argv[1:])]),
         "commit": args.commit or git_commit(),
         "teacher": f"tiny ({args.tiny} px)" if args.tiny else "real size, random weights, bf16",
-        "machine": {**cpu_machine(), "nvidia_smi": _nvidia_smi()},
+        "machine": {**machine(), "nvidia_smi": _nvidia_smi()},
         "families": {},
     }
 

@@ -9,9 +9,6 @@ Nothing here imports torch: the GPU check's parent process stays off the device.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,49 +139,6 @@ def file_sizes(folder: Path) -> dict:
         if p.is_file()
     }
     return {"total_bytes": sum(files.values()), "files": files}
-
-
-def git_commit(root: Path = ROOT) -> str:
-    """HEAD, with -dirty when tracked files differ from it; 'unknown' without git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            # results files written by the bench itself do not make the measured code dirty
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!*/results/*"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
-def cpu_machine() -> dict:
-    """CPU model, cores, RAM and load: what a CPU timing depends on."""
-    model = platform.processor() or platform.machine()
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in text.splitlines() if "Model name" in line
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    mem = 0
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem / GIB, 1),
-        "python": platform.python_version(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def mem_available() -> int:

@@ -9,10 +9,9 @@ numbers are comparable.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
+
+from distillkit.benchmark.provenance import git_commit, machine
 
 GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0)
 FEW_STEPS = (1, 4)
@@ -58,21 +57,6 @@ def best_guidance(rows: list[dict], min_accuracy: float = ACCURACY_GOAL) -> floa
     if good:
         return min(good, key=lambda r: r["fd"])["guidance"]
     return max(rows, key=lambda r: (r["accuracy"], -r["fd"]))["guidance"]
-
-
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.machine()}, {cores} CPU cores shared with other jobs, no GPU"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def record(results: Path, family: str, entry: dict) -> None:
