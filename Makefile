@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format bench-quality bench-perf bench-realsize gpu-wheels gpu-check clean
+.PHONY: setup demo test lint format bench-quality bench-perf bench-realsize soak gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench-quality: setup
 
 bench-perf: setup
 	$(BIN)/python evaluation/bench_perf.py
+
+# A long tiny-teacher run watched for memory creep, checkpoint rotation and log growth (not part
+# of `make test`); SOAK_ARGS="--steps 500" for a shorter one.
+SOAK_ARGS ?=
+soak: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python evaluation/soak.py $(SOAK_ARGS)
 
 # Real-size random-weight teachers through the CLI on this CPU (not part of `make test`). Peak
 # RSS (export): SD1.5 9.5 GiB, ~13 min on 2 cores; SDXL ~20 GiB (DMD2) / ~27 GiB (LCM-LoRA);

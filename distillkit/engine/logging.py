@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,58 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def progress_bar(enabled: bool) -> Progress:
+class PlainProgress:
+    """The progress bar without a terminal (SLURM, CI, ``| tee``): one plain line per logging
+    interval on stderr (step/total, it/s, elapsed, ETA, the main losses), where rich's bar
+    would degrade to truncated cells. Same calls as rich's Progress."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        self.tasks[len(self.tasks)] = {
+            "description": description,
+            "total": total,
+            "start_step": completed,
+            "started": time.monotonic(),
+        }
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, completed: int, speed: str = "", losses: str = "") -> None:
+        task = self.tasks[task_id]
+        elapsed = time.monotonic() - task["started"]
+        done = completed - task["start_step"]
+        left = (task["total"] - completed) * elapsed / done if done > 0 else float("nan")
+        line = (
+            f"{task['description']} step {completed}/{task['total']} "
+            f"({100 * completed / max(task['total'], 1):.0f}%)  {speed}  "
+            f"elapsed {_clock(elapsed)}  ETA {_clock(left)}  {losses}"
+        )
+        print(line.rstrip(), file=self.stream or sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}"
+
+
+def progress_bar(enabled: bool, interactive: bool | None = None) -> Progress | PlainProgress:
+    """rich's bar on a terminal, plain lines otherwise (``interactive`` defaults to whether
+    stderr is a TTY); ``enabled`` is False on every rank but 0 and with
+    logging.progress_bar=false."""
+    interactive = sys.stderr.isatty() if interactive is None else interactive
+    if enabled and not interactive:
+        return PlainProgress()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
