@@ -170,6 +170,28 @@ def test_failure_mid_upload_is_a_clear_hub_error(
     assert len(no_backoff_sleep) == (5 if retried else 0)
 
 
+def test_dropped_and_failed_first_attempts_are_retried_to_completion(
+    hub: LocalHub, output_dir: Path, no_backoff_sleep: list[float]
+) -> None:
+    """A link that drops the first preupload and a Hub that answers 503 to the first two
+    commits: huggingface_hub's backoff retries them (the library's, not ours), and the push
+    completes byte-identical, with one commit per part and none duplicated."""
+    hub.fail("preupload", None, times=1)
+    hub.fail("commit", 503, times=2)
+    url = push_output(output_dir, REPO, token="hf_test")
+    assert hub.files(REPO) == expected_remote(output_dir)
+    assert [len(c.changed) for c in hub.commits(REPO)] == [0, 6, 1]
+    assert url.endswith(hub.commits(REPO)[-1].oid) and len(no_backoff_sleep) == 3
+
+
+def test_pushing_the_same_export_twice_adds_no_commit(hub: LocalHub, output_dir: Path) -> None:
+    first = push_output(output_dir, REPO, token="hf_test")
+    commits = len(hub.commits(REPO))
+    second = push_output(output_dir, REPO, token="hf_test")
+    assert len(hub.commits(REPO)) == commits and second == first
+    assert hub.files(REPO) == expected_remote(output_dir)
+
+
 def test_failure_on_the_lora_commit_says_what_was_pushed(hub: LocalHub, output_dir: Path) -> None:
     hub.fail("commit", 409, after=1)
     with pytest.raises(HubError, match=r"uploading lora/.*re-run to finish.*HTTP 409"):
