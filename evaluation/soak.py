@@ -93,6 +93,7 @@ def main() -> int:
     ]
     cmd = [sys.executable, "-m", "distillkit.cli", "run", args.recipe, "--smoke", "--builtin-data"]
     cmd += overrides
+    commit = git_commit()  # before the run: the code it loads
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     samples: list[tuple[float, int, float]] = []
@@ -115,7 +116,7 @@ def main() -> int:
     result = {
         "what": __doc__.strip(),
         "machine": machine(),
-        "commit": git_commit(),
+        "commit": commit,
         "command": "python evaluation/soak.py " + shlex.join(sys.argv[1:]),
         "run_command": shlex.join(["distillkit", *cmd[3:]]),
         "steps": args.steps,
