@@ -247,11 +247,13 @@ def render_markdown(results: dict) -> str:
     cell = "acc {accuracy:.3f} / FD {fd:.1f} / div {diversity:.2f}".format
     steps = [str(s) for s in TEACHER_STEPS]
     m, proto = results["machine"], results["protocol"]
+    device = m.get("device") or ("cuda" if m.get("cuda") else "cpu")  # older files: "device"
     head = ["family", "guidance", *(f"{s} steps" for s in steps), f"best guidance @{REF_STEPS}"]
     lines = [
         "# Digits benchmark",
         f"`{results['command']}` at commit `{results['commit']}` on {m['platform']} "
-        f"({m['cpu_count']} CPUs, {m['device']}); {proto['samples']} samples per setting.",
+        f"({m.get('cores', m.get('cpu_count'))} CPUs, {device}); {proto['samples']} samples "
+        "per setting.",
         f"Goal: student 1-step accuracy >= teacher({REF_STEPS}) - {GOAL['accuracy_gap']} and "
         f"FD <= {GOAL['fd_ratio']} x teacher({REF_STEPS}) FD.",
         "",
