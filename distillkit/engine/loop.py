@@ -254,8 +254,8 @@ class Trainer:
     def stop_preempted(self, step: int, signal_name: str) -> None:
         """After the pre-emption checkpoint (or without one, when the grace period had no room
         for it): the marker a requeue script reads, then a clean exit with EXIT_PREEMPTED."""
-        found = self.checkpoints.latest_good()
-        name = None if found is None else found[0].name
+        newest = self.checkpoints.candidates()  # `latest` first; not re-hashed in the grace period
+        name = newest[0].name if newest else None
         if self.accelerator.is_main_process:
             write_marker(self.output_dir, step, signal_name, name)
         self.accelerator.wait_for_everyone()
