@@ -66,17 +66,35 @@ def test_resume_and_reexport(tmp_path):
     assert (out / "pipeline" / "model_index.json").is_file()
 
 
+def _content(path: Path) -> bytes:
+    """A file's bytes; for safetensors its tensors' bytes and its metadata as a sorted map:
+    safetensors writes the metadata map in the process's hash order (a Rust HashMap), so the
+    same content may come out in another key order from another process."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.dumps(handle.metadata() or {}, sort_keys=True).encode()
+        tensors = [
+            key.encode() + handle.get_tensor(key).view(torch.uint8).numpy().tobytes()
+            for key in sorted(handle.keys())
+        ]
+    return meta + b"".join(tensors)
+
+
 def _exported_files(run_dir: Path) -> dict[str, bytes]:
     files = [p for d in ("pipeline", "lora") for p in (run_dir / d).rglob("*") if p.is_file()]
-    out = {str(p.relative_to(run_dir)): p.read_bytes() for p in files}
+    out = {str(p.relative_to(run_dir)): _content(p) for p in files}
     out["export.json"] = (run_dir / "export.json").read_bytes()
     return out
 
 
 def test_reexport_writes_what_training_wrote(tmp_path):
     """`distillkit export` goes through the same export as the end of training: the same file
-    list, card, metadata (distillkit.json), export.json and weights, byte for byte, for a LoRA
-    student exported from its EMA weights at several shipped step counts."""
+        list, card, metadata (distillkit.json), export.json and weights, byte for byte (safetensors:
+    tensors byte for byte, metadata as a map), for a LoRA
+        student exported from its EMA weights at several shipped step counts."""
     out = tmp_path / "run"
     distillkit(
         "run",
