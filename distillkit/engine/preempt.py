@@ -24,7 +24,7 @@ MARKER = "preempted.json"
 
 
 class PreemptionWatch:
-    """Installs handlers for ``signals`` while training; ``requested`` once one arrived."""
+    """Installs handlers for ``signals`` while training; ``received`` names the first to arrive."""
 
     def __init__(self, signals: list[str], grace_s: float) -> None:
         self.signals = [getattr(signal, name) for name in signals]
