@@ -59,8 +59,8 @@ def test_killed_rank_stops_the_other_and_resume_is_bit_exact(tmp_path):
     started = time.monotonic()
     killed = torchrun(out, env={"DISTILLKIT_FAULT": "after-step-3", "DISTILLKIT_FAULT_RANK": "1"})
     assert killed.returncode != 0 and time.monotonic() - started < 120
-    assert "error: rank 0: a collective with the other processes failed" in killed.stderr
-    assert "checkpoint step-0000002: relaunch every rank with --resume" in killed.stderr
+    # the survivor's message races torchrun's own SIGTERM to it: the hung-rank test below
+    # checks the message without a launcher in between
     assert "[rank0]: Traceback" not in killed.stderr
     resumed = torchrun(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
