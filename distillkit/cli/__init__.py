@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         from distillkit.engine.preempt import EXIT_PREEMPTED
 
-        print(f"pre-empted: {stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one says so
+            print(f"pre-empted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

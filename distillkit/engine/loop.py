@@ -367,6 +367,8 @@ class Trainer:
         ]
         if self.data.substituted:
             lines.append(f"smoke: data: {self.data.substituted}")
+        if self.teacher.loras is not None:
+            lines += self.teacher.loras.notes
         return "\n".join(lines)
 
     def _clip(self, role: str, folded: bool = False) -> torch.Tensor | float | None:
@@ -441,7 +443,7 @@ class Trainer:
         bar = progress_bar(cfg.logging.progress_bar and main)
         total, step = cfg.train.max_steps, self.start_step
         watch = PreemptionWatch(cfg.train.preempt_signals, cfg.train.preempt_grace_s)
-        preempt = False
+        preempt: str | None = None  # the signal all ranks agreed on
         with bar, watch:
             task = bar.add_task(cfg.recipe.name, total=total, completed=step, speed="", losses="")
             while step < total:
@@ -453,7 +455,7 @@ class Trainer:
                 pending.append(logs)
                 step += 1
                 fault_point(f"after-step-{step}")
-                preempt = watch.agreed(acc) and step < total
+                preempt = watch.agreed(acc) if step < total else None
                 log_now = step % cfg.logging.every == 0 or step == total or preempt
                 save_now = step % cfg.train.checkpoint_every == 0 or step == total
                 if preempt and not save_now:
@@ -490,7 +492,7 @@ class Trainer:
         dump_rank_state(self)  # test-only, every rank: no-op unless DISTILLKIT_DUMP_RANK_WEIGHTS
         logger.close()
         if preempt:
-            self.stop_preempted(step, watch.received or "?")
+            self.stop_preempted(step, preempt)
         if main:
             clear_marker(self.output_dir)
         if main:

@@ -4,8 +4,9 @@ OUTPUT_DIR/preempted.json and exits with EXIT_PREEMPTED, which a requeue script 
 continues bit-exactly, as from any checkpoint.
 
 Why not torch elastic's own handling: it restarts workers on failure, it does not checkpoint; and
-the ranks must agree on the step they stop at, so the flag a handler sets travels through
-accelerate's trigger (an all-reduce) at every step boundary of a multi-process run.
+the ranks must agree on the step they stop at, so the signal a handler saw travels through
+accelerate's ``reduce`` (one all-reduce of one integer) at every step boundary of a
+multi-process run, as accelerate's own ``check_trigger`` does for a flag.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -48,13 +50,15 @@ class PreemptionWatch:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def agreed(self, acc: Accelerator) -> bool:
-        """Did any rank receive a signal? Every rank gets the same answer at the same step."""
+    def agreed(self, acc: Accelerator) -> str | None:
+        """The signal any rank received (the highest-numbered, if several), or None: every rank
+        gets the same answer at the same step, also a rank the signal did not reach (a node's
+        agent may signal only its own processes), so all name it in their message and marker."""
         if acc.num_processes == 1:
-            return self.received is not None
-        if self.received is not None:
-            acc.set_trigger()
-        return acc.check_trigger()
+            return self.received
+        number = getattr(signal, self.received) if self.received else 0
+        found = int(acc.reduce(torch.tensor([number], device=acc.device), reduction="max"))
+        return signal.Signals(found).name if found else None
 
     def time_to_checkpoint(self, acc: Accelerator, checkpoint_seconds: float) -> bool:
         """Whether a checkpoint (as long as the last one took) still fits in the grace period;

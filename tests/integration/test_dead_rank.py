@@ -5,6 +5,7 @@ ends bitwise identical to an uninterrupted run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,9 +54,15 @@ def final_state(out: Path) -> dict[str, bytes]:
     return state
 
 
-def test_killed_rank_stops_the_other_and_resume_is_bit_exact(tmp_path):
-    clean = torchrun(tmp_path / "clean")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("clean") / "run"
+    clean = torchrun(out)
     assert clean.returncode == 0, clean.stderr[-3000:]
+    return final_state(out)
+
+
+def test_killed_rank_stops_the_other_and_resume_is_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
     started = time.monotonic()
     killed = torchrun(out, env={"DISTILLKIT_FAULT": "after-step-3", "DISTILLKIT_FAULT_RANK": "1"})
@@ -65,8 +73,32 @@ def test_killed_rank_stops_the_other_and_resume_is_bit_exact(tmp_path):
     resumed = torchrun(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step-0000002" in resumed.stdout + resumed.stderr
-    want, got = final_state(tmp_path / "clean"), final_state(out)
-    assert not [k for k in want if want[k] != got[k]]
+    got = final_state(out)
+    assert not [k for k in uninterrupted if uninterrupted[k] != got[k]]
+
+
+def test_preemption_of_one_rank_stops_both_at_one_checkpoint(tmp_path, uninterrupted):
+    """SIGTERM reaches rank 1 only (a node's agent signalling its own processes): the ranks
+    agree through accelerate's trigger, write one checkpoint at the same step, both exit 75,
+    and relaunching both with --resume ends bitwise identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    stopped = torchrun(
+        out, env={"DISTILLKIT_FAULT": "SIGTERM:after-step-3", "DISTILLKIT_FAULT_RANK": "1"}
+    )
+    assert stopped.returncode != 0  # torchrun's own code; each worker's is in its report
+    assert stopped.stderr.count("exitcode  : 75") == 2
+    marker = json.loads((out / "preempted.json").read_text())
+    step = marker["step"]
+    assert step in (3, 4) and marker["checkpoint"] == f"step-{step:07d}"
+    assert marker["signal"] == "SIGTERM"  # rank 0, which writes it, heard it from rank 1
+    assert (out / "checkpoints" / f"step-{step:07d}").is_dir() and not (out / "pipeline").exists()
+    assert stopped.stderr.count(f"pre-empted: SIGTERM at step {step}") == 1  # rank 0 only
+    assert "[rank0]: Traceback" not in stopped.stderr and "[rank1]: Traceback" not in stopped.stderr
+    resumed = torchrun(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step-{step:07d}" in resumed.stdout + resumed.stderr
+    got = final_state(out)
+    assert not [k for k in uninterrupted if uninterrupted[k] != got[k]]
 
 
 def test_hung_rank_times_out_with_a_message(tmp_path):
