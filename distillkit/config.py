@@ -22,6 +22,19 @@ Family = Literal["sd15", "sdxl", "sana"]
 Precision = Literal["no", "fp16", "bf16"]
 
 
+class TeacherLora(Strict):
+    """A style or character LoRA the teacher wears for the whole run (docs/teacher_loras.md)."""
+
+    path: str = Field(
+        min_length=1, description="a .safetensors file, a folder holding one, or a Hub repo id"
+    )
+    weight_name: str | None = Field(None, description="the file inside a folder or repo")
+    scale: float = Field(1.0, ge=-8, le=8, description="the LoRA's strength, as set_adapters")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="adapter name (default: its index)"
+    )
+
+
 class TeacherConfig(Strict):
     """Which diffusers pipeline to distil. ``card`` fills the rest from teachers/*.yaml."""
 
@@ -36,6 +49,20 @@ class TeacherConfig(Strict):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     use_safetensors: bool = Field(True, description="False allows pickle weights (unsafe)")
     trust_remote_code: bool = False
+    loras: list[TeacherLora] = Field(
+        default_factory=list,
+        description="LoRAs loaded with the pipeline's load_lora_weights and fused for the run: "
+        "the student learns base + these",
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names_unique(cls, loras: list[TeacherLora]) -> list[TeacherLora]:
+        names = [lora.name or str(i) for i, lora in enumerate(loras)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two LoRAs share the name {repeated[0]!r}: give each its own name")
+        return loras
 
     def require(self) -> None:
         for name in ("model_id", "family", "resolution"):

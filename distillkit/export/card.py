@@ -46,6 +46,8 @@ class CardInfo:
     # per shipped step count, the call arguments beyond steps and guidance (SANA's few-step
     # sigmas), as the export's distillkit.json gives them
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # teacher.loras the student was distilled with: (public name, scale); no local paths
+    teacher_loras: list[tuple[str, float]] = field(default_factory=list)
 
 
 def shipped_extras(call: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +128,12 @@ def _usage(info: CardInfo) -> str:
     if info.has_lora:
         lines += [
             "",
-            "# Or: the teacher plus the distilled LoRA and the one-step scheduler",
+            "# Or: the teacher plus the distilled LoRA and the one-step scheduler"
+            + (
+                " (the LoRA holds the teacher's style LoRAs too: load it alone)"
+                if info.teacher_loras
+                else ""
+            ),
             f'pipe = DiffusionPipeline.from_pretrained("{_teacher_ref(info)}", '
             "torch_dtype=dtype).to(device)",
             f'pipe.load_lora_weights("{repo}", subfolder="lora", weight_name="{_LORA_FILE}")',
@@ -136,6 +143,49 @@ def _usage(info: CardInfo) -> str:
     if repo != info.repo_id:
         lines.insert(6, "# replace with this repo's id, or the local path of this folder")
     return "\n".join([*lines, "```"])
+
+
+def public_lora_name(spec: dict) -> str:
+    """A Hub LoRA as repo (and file); a local one by its file name only."""
+    path, weight = str(spec["path"]), spec.get("weight_name")
+    if _is_hub_id(path):
+        return f"{path}/{weight}" if weight else path
+    return weight or Path(path).name
+
+
+def _teacher_loras(info: CardInfo) -> list[str]:
+    if not info.teacher_loras:
+        return []
+    said = ", ".join(f"`{name}` at scale {scale:g}" for name, scale in info.teacher_loras)
+    return [
+        f"The teacher wore these LoRAs for the whole distillation, fused into its weights: "
+        f"{said}. This pipeline samples base + those LoRAs; do not load them again."
+    ]
+
+
+def _stacking(info: CardInfo) -> str:
+    """The LCM-LoRA property: the distilled LoRA next to a style LoRA it never saw, as two
+    active adapters (diffusers' set_adapters), sampled with the few-step scheduler."""
+    repo = info.repo_id or "your-username/your-model"
+    steps = max(int(k) for k in info.calls) if info.calls else info.num_inference_steps
+    return "\n".join(
+        [
+            "```python",
+            "import torch",
+            f"from diffusers import DiffusionPipeline, {info.scheduler}",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{_teacher_ref(info)}", '
+            'torch_dtype=torch.float16).to("cuda")',
+            f'pipe.load_lora_weights("{repo}", subfolder="lora", weight_name="{_LORA_FILE}", '
+            'adapter_name="speed")',
+            'pipe.load_lora_weights("path/to/your_style_lora.safetensors", adapter_name="style")',
+            'pipe.set_adapters(["speed", "style"], adapter_weights=[1.0, 0.8])',
+            f'pipe.scheduler = {info.scheduler}.from_pretrained("{repo}", subfolder="scheduler")',
+            f'image = pipe("a portrait in your style", num_inference_steps={steps}, '
+            f"guidance_scale={float(info.guidance_scale)!r}{_extra_args(info, steps)}).images[0]",
+            "```",
+        ]
+    )
 
 
 def _other_calls(info: CardInfo) -> str:
@@ -175,6 +225,7 @@ def render_model_card(info: CardInfo) -> str:
         "(guidance is distilled into the student, so classifier-free guidance is not needed)"
         + _other_calls(info)
         + ".",
+        *_teacher_loras(info),
         "## How to use",
         _usage(info),
     ]
@@ -183,6 +234,14 @@ def render_model_card(info: CardInfo) -> str:
             f"The LoRA alone is in `lora/{_LORA_FILE}` (saved with its adapter metadata, so "
             "rank and alpha scaling survive reloading)."
         )
+        parts += [
+            "### Stacking with a style LoRA",
+            "The distilled LoRA is an acceleration adapter: load it next to a style or "
+            "character LoRA of the same base model as two active adapters, and sample in few "
+            "steps without classifier-free guidance (lower the style's weight if it "
+            "over-saturates).",
+            _stacking(info),
+        ]
     if info.config_summary:
         rows = [[f"`{k}`", v] for k, v in info.config_summary.items()]
         parts += ["## Training configuration", _table(["key", "value"], rows)]
@@ -237,6 +296,7 @@ def card_info(cfg: RunConfig, smoke: bool) -> CardInfo:
         license=teacher.license,
         config_summary=flat_summary(cfg),
         has_lora=cfg.student.type == "lora" and cfg.export.lora_file,
+        teacher_loras=[(public_lora_name(spec.model_dump()), spec.scale) for spec in teacher.loras],
     )
 
 

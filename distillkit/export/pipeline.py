@@ -21,6 +21,7 @@ from distillkit.errors import ExportError
 from distillkit.faults import fault_point
 from distillkit.students import is_lora, lora_owner, merged_copy, plain_copy
 from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.loras import TeacherLoras, layer_factors, lora_file_state, stack
 
 VERIFY_PROMPT = "a handwritten digit seven"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -148,11 +149,17 @@ def _check_grids(scheduler, teacher: TeacherAdapter, steps: tuple[int, ...]) -> 
             )
 
 
-def lora_state(net: nn.Module) -> tuple[dict, dict]:
-    """diffusers-format LoRA tensors and the adapter metadata that keeps alpha/rank on reload."""
+def lora_state(net: nn.Module, teacher_loras: TeacherLoras | None = None) -> tuple[dict, dict]:
+    """diffusers-format LoRA tensors and the adapter metadata that keeps alpha/rank on reload.
+
+    With ``teacher.loras`` the student learnt on base + style, so the file stacks the style's
+    factors and the student's per layer: one LoRA that gives base + style + speed on the plain
+    base pipeline."""
     # peft's own key format (lora_A / lora_B): load_lora_weights reads it for every target
     # module, while the legacy diffusers conversion only renames attention projections.
     owner, name = lora_owner(net)
+    if teacher_loras is not None:
+        return lora_file_state(stack(teacher_loras.factors, layer_factors(owner, [name])))
     layers = get_peft_model_state_dict(owner, adapter_name=name)
     # peft keeps target_modules as a set, whose order follows each process's string hashing:
     # sorted, the same adapter gives the same file bytes in every process (export = re-export)
@@ -219,7 +226,7 @@ def export_student(
         if lora_file and is_lora(generator):
             lora_tmp = output_dir / f".lora.tmp-{os.getpid()}"
             shutil.rmtree(lora_tmp, ignore_errors=True)
-            layers, adapter_metadata = lora_state(generator)
+            layers, adapter_metadata = lora_state(generator, teacher.loras)
             fault_point("export-lora", lora_tmp)
             prefix = teacher.denoiser_attr
             type(teacher.pipe).save_lora_weights(
@@ -258,16 +265,21 @@ def _denoiser_output(teacher: TeacherAdapter, net: nn.Module, noise: torch.Tenso
 def _verify_lora(
     teacher: TeacherAdapter, lora_dir: Path, trained: torch.Tensor, noise, check: OutputCheck
 ) -> tuple[float, float]:
-    """Load the file into a fresh teacher pipeline the way a user would (load_lora_weights) and
-    compare its denoiser with the trained student's on the one-step input. Both run the LoRA
-    unfused, so only the file (tensors, alpha/rank metadata, key names) can differ: a lost
-    scale moves the output by far more than rounding. Not the merged export's output: in half
-    precision the merge rounds away updates smaller than the weights' resolution (reported as
-    ``rounding_rel_rms``), and the network outputs, not the samples: the sample at t = T divides
-    the noise prediction's rounding by alpha_T (~0.07). The scheduler and the pipeline around the
-    denoiser are the merged export's, checked already."""
+    """Load the file into a fresh teacher pipeline the way a user would (load_lora_weights;
+    with ``teacher.loras``, onto the base denoiser reloaded as published) and compare its
+    denoiser with the trained student's on the one-step input. Both run the LoRA unfused, so
+    only the file (tensors, alpha/rank metadata, key names) can differ: a lost scale moves the
+    output by far more than rounding. Not the merged export's output: in half precision the
+    merge rounds away updates smaller than the weights' resolution (reported as
+    ``rounding_rel_rms``), and the network outputs, not the samples: the sample at t = T
+    divides the noise prediction's rounding by alpha_T (~0.07). The scheduler and the pipeline
+    around the denoiser are the merged export's, checked already."""
     components = dict(teacher.pipe.components)
-    components[teacher.denoiser_attr] = plain_copy(teacher.denoiser)
+    if teacher.loras is not None:  # the run's denoiser has them fused: the published one
+        base = teacher.loras.reload_base().to(teacher.device)
+    else:
+        base = plain_copy(teacher.denoiser)
+    components[teacher.denoiser_attr] = base
     pipe = type(teacher.pipe)(**components)
     pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE)
     got = _denoiser_output(teacher, getattr(pipe, teacher.denoiser_attr), noise)

@@ -12,7 +12,7 @@ from torch import nn
 
 from distillkit.config import RunConfig
 from distillkit.errors import WriteFailed
-from distillkit.export.card import card_info, write_model_card
+from distillkit.export.card import card_info, public_lora_name, write_model_card
 from distillkit.export.pipeline import ExportReport, export_student
 from distillkit.faults import fault_point
 from distillkit.teachers.base import TeacherAdapter
@@ -65,7 +65,15 @@ def export_run(
             relative_tolerance=cfg.export.relative_tolerance,
             lora_file=cfg.export.lora_file,
             write_card=write_card,
-            metadata={"recipe": cfg.recipe.name, "family": cfg.teacher.family},
+            metadata={
+                "recipe": cfg.recipe.name,
+                "family": cfg.teacher.family,
+                # public names only: the pipeline folder is what gets pushed
+                "teacher_loras": [
+                    {"lora": public_lora_name(spec.model_dump()), "scale": spec.scale}
+                    for spec in cfg.teacher.loras
+                ],
+            },
         )
     except OSError as err:  # export_student has removed its temporary directories
         raise WriteFailed(

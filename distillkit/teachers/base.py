@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from distillkit.diffusion.schedules import Schedule
 from distillkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distillkit.teachers.loras import TeacherLoras
 
 
 def tree_map(fn, tree: Any) -> Any:
@@ -119,6 +122,7 @@ class TeacherAdapter:
         self.text_device = device  # where the text encoders run (the CPU once offloaded)
         self.start_timestep: int | None = None  # see use_start_timestep
         self.grid_steps: int | None = None  # see use_sampling_grid
+        self.loras: TeacherLoras | None = None  # teacher.loras, fused in (teachers/loras.py)
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
             if isinstance(module, nn.Module):

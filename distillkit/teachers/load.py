@@ -14,6 +14,7 @@ from distillkit.config import TeacherConfig
 from distillkit.errors import ConfigError
 from distillkit.registry import get_family, resolve_source
 from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.loras import apply_teacher_loras
 
 SMOKE_RESOLUTION = 32  # the tiny stand-in teachers run at 32 px: a whole --smoke in seconds
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,18 +89,29 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, smoke: bool = False) 
     dtype = resolve_dtype(cfg.dtype, device, smoke)
     if smoke:
         resolution = SMOKE_RESOLUTION
-        pipe = DiffusionPipeline.from_pretrained(
-            tiny_teacher_dir(cfg.family, resolution), torch_dtype=dtype
-        )
+        source = str(tiny_teacher_dir(cfg.family, resolution))
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     else:
-        resolution = cfg.resolution
+        resolution, source = cfg.resolution, cfg.model_id
         pipe = _from_pretrained(cfg, cfg.model_id, dtype)
     if type(pipe).__name__ != family.pipeline_class:
         raise ConfigError(
             f"teacher.family={cfg.family!r} expects a {family.pipeline_class}, but "
             f"{cfg.model_id} is a {type(pipe).__name__}; fix teacher.family or teacher.model_id"
         )
+    attr = family.denoiser_attr
+    denoiser_class = type(getattr(pipe, attr))
+
+    def reload_base() -> torch.nn.Module:
+        """The denoiser as published (the run's own copy has the LoRAs fused in)."""
+        kwargs = {} if smoke else {"revision": cfg.revision, "variant": cfg.variant}
+        path = os.path.expanduser(resolve_source(source))
+        return denoiser_class.from_pretrained(path, subfolder=attr, torch_dtype=dtype, **kwargs)
+
+    loras = apply_teacher_loras(pipe, cfg, attr, reload_base, smoke)
     try:
-        return family(pipe, resolution, device)
+        adapter = family(pipe, resolution, device)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    adapter.loras = loras
+    return adapter

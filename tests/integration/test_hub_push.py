@@ -262,6 +262,10 @@ def test_model_card_metadata_and_body() -> None:
     assert f'DiffusionPipeline.from_pretrained("{REPO}"' in code
     assert "num_inference_steps=1" in code and "guidance_scale=0.0" in code
     assert f'load_lora_weights("{REPO}", subfolder="lora"' in code
+    stacking = body.split("### Stacking with a style LoRA", 1)[1].split("```python\n", 1)[1]
+    stacking = stacking.split("```", 1)[0]
+    compile(stacking, "stacking", "exec")
+    assert 'set_adapters(["speed", "style"]' in stacking and 'adapter_name="speed"' in stacking
     assert "| `lr` | 1e-05 |" in body and "| `dmd2.gan` | off\\|on |" in body
     assert "| fd | 123.4 |" in body and "](samples/grid.png)" in body
     assert "451f4fe" in body

@@ -96,6 +96,12 @@ BAD_OVERRIDES = [
     (["student.lora.target_modules=[]"], "student.lora.target_modules"),
     (["recipe.lr=3"], "recipe.lr"),
     (["export.relative_tolerance=2"], "export.relative_tolerance"),
+    (["teacher.loras=[{path: ''}]"], "teacher.loras.0.path"),
+    (["teacher.loras=[{path: a.safetensors, scale: 20}]"], "teacher.loras.0.scale"),
+    (["teacher.loras=[{path: a.safetensors, name: 'my style'}]"], "teacher.loras.0.name"),
+    (["teacher.loras=[{path: a.safetensors, strength: 1}]"], "teacher.loras.0.strength"),
+    (["teacher.loras=[{path: a, name: x}, {path: b, name: x}]"], "share the name 'x'"),
+    (["teacher.loras=a.safetensors"], "teacher.loras"),
 ]
 
 

@@ -36,7 +36,7 @@ def test_a_lost_lora_scale_fails_in_bf16(tiny_adapter, tmp_path, monkeypatch):
     """Without its adapter metadata the file reloads at alpha = r (scale 1, not 1/4)."""
     teacher = tiny_adapter("sd15", dtype="bf16")
     real = export_module.lora_state
-    monkeypatch.setattr(export_module, "lora_state", lambda net: (real(net)[0], None))
+    monkeypatch.setattr(export_module, "lora_state", lambda net, loras: (real(net, loras)[0], None))
     with pytest.raises(ExportError, match="load_lora_weights differs"):
         export_student(teacher, _lora_student(teacher), tmp_path, steps=1)
     assert not (tmp_path / "pipeline").exists() and not (tmp_path / "lora").exists()
