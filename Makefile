@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format bench-quality bench-perf bench-realsize soak gpu-wheels gpu-check clean
+.PHONY: setup demo test lint format bench-quality bench-lora bench-perf bench-realsize soak gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,9 @@ format: setup
 
 bench-quality: setup
 	$(BIN)/python evaluation/bench_quality.py
+
+bench-lora: setup
+	$(BIN)/python evaluation/bench_lora.py $(LORA_ARGS)
 
 bench-perf: setup
 	$(BIN)/python evaluation/bench_perf.py

@@ -113,7 +113,9 @@ class DatasetSource(Strict):
 class DataConfig(Strict):
     prompts: str | None = Field(None, description=".txt / .jsonl / .csv file, or 'digits'")
     prompt_column: str = "text"
-    images: str | None = Field(None, description="folder of real images (GAN terms), or 'digits'")
+    images: str | None = Field(
+        None, description="folder of real images, 'digits' or 'digits:<style>' (bold, slant)"
+    )
     prompts_dataset: DatasetSource | None = Field(None, description="prompts via `datasets`")
     images_dataset: DatasetSource | None = Field(None, description="image-text pairs via datasets")
     cache_dir: str | None = Field(None, description="text-embedding / VAE-latent cache folder")

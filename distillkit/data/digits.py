@@ -118,3 +118,25 @@ def eval_prompts(per_class: int = 100) -> list[tuple[str, int]]:
         for label in range(NUM_CLASSES):
             prompts.append((prompt_for(label, i), label))
     return prompts
+
+
+# ----------------------------------------------------------------------------- styles
+# Two looks a simple statistic separates, for the teacher-LoRA benchmark (style LoRAs are
+# trained on restyled digits; evaluation.metrics.style_statistic measures them).
+STYLES: tuple[str, ...] = ("bold", "slant")
+SLANT_SHEAR = 0.3  # x shifts by 0.3 x (y - centre): a clear italic that keeps every digit legible
+
+
+def restyle(images: torch.Tensor, style: str) -> torch.Tensor:
+    """(N, 3, H, W) digits in [-1, 1] in ``style``: ``bold`` thickens the strokes (a 3x3 grey
+    dilation), ``slant`` shears them into italics (ink moving right towards the top)."""
+    if style == "bold":
+        return F.max_pool2d(images, kernel_size=3, stride=1, padding=1)
+    if style == "slant":
+        theta = torch.tensor([[1.0, SLANT_SHEAR, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype)
+        grid = F.affine_grid(
+            theta.expand(len(images), 2, 3), list(images.shape), align_corners=False
+        )
+        ink = F.grid_sample(images + 1.0, grid, align_corners=False, padding_mode="zeros")
+        return (ink - 1.0).clamp(-1.0, 1.0)
+    raise ValueError(f"unknown digits style {style!r}: choose from {', '.join(STYLES)}")

@@ -154,12 +154,30 @@ def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
-def digits_data(resolution: int, seed: int = 0) -> TrainData:
-    """The training split of sklearn's digits, with a prompt template per image."""
-    from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
+def digits_source(cfg: DataConfig) -> str | None:
+    """``digits`` (or ``digits:<style>``, the restyled digits of the teacher-LoRA benchmark) in
+    data.prompts or data.images, or None. An unknown style names the field."""
+    from distillkit.data.digits import STYLES
+
+    for name in ("images", "prompts"):
+        value = getattr(cfg, name)
+        if value == "digits" or (value or "").startswith("digits:"):
+            style = value.partition(":")[2]
+            if style and style not in STYLES:
+                raise ConfigError(f"data.{name}={value}: the digits styles are {', '.join(STYLES)}")
+            return value
+    return None
+
+
+def digits_data(resolution: int, seed: int = 0, source: str = "digits") -> TrainData:
+    """The training split of sklearn's digits, with a prompt template per image; restyled for
+    ``digits:<style>``."""
+    from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for, restyle
 
     split = load_digits_split(seed=seed)
     images = split.train_images
+    if source.partition(":")[2]:
+        images = restyle(images, source.partition(":")[2])
     if images.shape[-1] != resolution:
         images = F.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
     captions = [
@@ -172,8 +190,8 @@ def digits_data(resolution: int, seed: int = 0) -> TrainData:
 def builtin_data(cfg: DataConfig, resolution: int, need_images: bool) -> TrainData:
     """``--smoke --builtin-data``: built-in prompts (and digits images), saying what they
     replace."""
-    if cfg.prompts == "digits" or cfg.images == "digits":
-        return digits_data(resolution)
+    if source := digits_source(cfg):
+        return digits_data(resolution, source=source)
     data = digits_data(resolution) if need_images else TrainData(list(SMOKE_PROMPTS))
     replaced = [
         f"data.{name}={value}"
@@ -193,8 +211,8 @@ def load_train_data(
     SMOKE_SAMPLE rows of each source, so a preflight fails where the real run would."""
     if builtin:
         return builtin_data(cfg, resolution, need_images)
-    if cfg.prompts == "digits" or cfg.images == "digits":
-        return digits_data(resolution)
+    if source := digits_source(cfg):
+        return digits_data(resolution, source=source)
     limit = SMOKE_SAMPLE if smoke else None
     try:
         data = _configured_data(cfg, resolution, need_images, limit)

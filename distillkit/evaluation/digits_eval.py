@@ -80,11 +80,16 @@ def evaluate_pipeline(
     batch_size: int = 100,
     resolution: int | None = None,
     grid: Path | str | None = None,
+    style: str | None = None,
+    sampling: dict | None = None,
 ) -> dict[str, Any]:
-    """Scores of an already loaded pipeline (the harness reuses one load for many settings)."""
-    from distillkit.data.digits import eval_prompts
+    """Scores of an already loaded pipeline (the harness reuses one load for many settings).
+
+    ``style`` (a digits style): FD against the held-out digits in that style, and its
+    ``style_statistic``; ``sampling``: call arguments instead of those the export stores."""
+    from distillkit.data.digits import eval_prompts, restyle
     from distillkit.evaluation.generate import default_resolution, generate_images
-    from distillkit.evaluation.metrics import digits_scores
+    from distillkit.evaluation.metrics import digits_scores, style_statistic
 
     pairs = eval_prompts(per_class)
     prompts, labels = [p for p, _ in pairs], [label for _, label in pairs]
@@ -97,9 +102,13 @@ def evaluate_pipeline(
         seed=seed,
         batch_size=batch_size,
         resolution=resolution,
+        sampling=sampling,
     )
-    scores: dict[str, Any] = digits_scores(images, labels, judge, split.heldout_images)
+    real = split.heldout_images if style is None else restyle(split.heldout_images, style)
+    scores: dict[str, Any] = digits_scores(images, labels, judge, real)
     scores["n"] = len(images)
+    if style is not None:
+        scores["style_statistic"] = style_statistic(images, style)
     if grid is not None:
         save_grid(images, grid, labels=labels)
     scores["protocol"] = {
@@ -109,6 +118,7 @@ def evaluate_pipeline(
         "resolution": resolution,
         "pipeline_class": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
+        **({"style": style} if style else {}),
     }
     return scores
 

@@ -169,3 +169,23 @@ def digits_scores(
         "mean_pairwise_ratio": div["mean_pairwise_ratio"],
         "n": float(len(images)),
     }
+
+
+def style_statistic(images: torch.Tensor, style: str) -> float:
+    """The mean of one number per image that separates a digits style from the plain digits
+    (data.digits.restyle): ``bold``, the share of inked pixels (grey level above the middle);
+    ``slant``, the ink's shear, cov(x, y) / var(y) of the ink-weighted pixel positions (x to
+    the right, y up: positive leans right)."""
+    ink = ((images.float().mean(1) + 1.0) / 2.0).clamp(0.0, 1.0)  # (N, H, W), 1 = ink
+    if style == "bold":
+        return float((ink > 0.5).float().mean())
+    if style == "slant":
+        n, h, w = ink.shape
+        ys = torch.linspace(1.0, -1.0, h).view(1, h, 1).expand(n, h, w)  # up is positive
+        xs = torch.linspace(-1.0, 1.0, w).view(1, 1, w).expand(n, h, w)
+        mass = ink.sum((1, 2)).clamp_min(1e-6)
+        mx, my = (ink * xs).sum((1, 2)) / mass, (ink * ys).sum((1, 2)) / mass
+        cov = (ink * (xs - mx.view(-1, 1, 1)) * (ys - my.view(-1, 1, 1))).sum((1, 2)) / mass
+        var = (ink * (ys - my.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
+        return float((cov / var.clamp_min(1e-6)).mean())
+    raise ValueError(f"unknown digits style {style!r}")
