@@ -23,13 +23,21 @@ from distillkit.errors import ConfigError
 class MetricsLogger:
     """Appends one JSON line per logging step; mirrors scalars to the configured backends."""
 
-    def __init__(self, output_dir: Path, backends: list[str], config: dict, enabled: bool):
+    def __init__(
+        self,
+        output_dir: Path,
+        backends: list[str],
+        config: dict,
+        enabled: bool,
+        start_step: int = 0,
+    ):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self._tb = None
         self._wandb = None
         if not enabled:
             return
+        self._forget_after(start_step)
         if "tensorboard" in backends:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,6 +58,18 @@ class MetricsLogger:
             self._wandb = wandb.init(
                 project="distillkit", dir=str(output_dir), config=config, reinit=True
             )
+
+    def _forget_after(self, step: int) -> None:
+        """A run resumed from step ``step`` replays the steps after it: their earlier records
+        (logged before a crash or a pre-emption) go, so every step appears once, in order."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -424,7 +424,11 @@ class Trainer:
             acc.print("--resume: no checkpoint found, starting from step 0")
         main = acc.is_main_process
         logger = MetricsLogger(
-            self.output_dir, cfg.logging.backends, cfg.model_dump(mode="json"), enabled=main
+            self.output_dir,
+            cfg.logging.backends,
+            cfg.model_dump(mode="json"),
+            enabled=main,
+            start_step=self.start_step,
         )
         if main:
             self.write_run_config()
