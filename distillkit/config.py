@@ -96,6 +96,19 @@ class StudentConfig(Strict):
         description="timestep the generator sees with pure noise (SiD-LSG's t_init); None = T-1. "
         "Epsilon teachers at T-1 divide the generator's error by alpha_T (~0.07): a fine speckle",
     )
+    step_counts: list[Annotated[int, Field(ge=1, le=8)]] | None = Field(
+        None,
+        min_length=2,
+        description="one student for several step counts, e.g. [1, 2, 4]: each generator update "
+        "draws one (recipes whose config says takes_step_counts: DMD2, SiD)",
+    )
+
+    @field_validator("step_counts")
+    @classmethod
+    def _counts_distinct(cls, counts: list[int] | None) -> list[int] | None:
+        if counts is not None and len(set(counts)) != len(counts):
+            raise ValueError(f"{counts} names a step count twice")
+        return sorted(counts) if counts is not None else None
 
 
 class DatasetSource(Strict):
@@ -252,6 +265,16 @@ def _run_config_class() -> type:
                 raise ValueError(
                     f"student.type={self.student.type!r} is not supported by recipe "
                     f"{self.recipe.name!r}; use one of {list(allowed)}"
+                )
+            if self.student.step_counts and not getattr(self.recipe, "takes_step_counts", False):
+                raise ValueError(
+                    f"student.step_counts: recipe {self.recipe.name!r} trains one step count "
+                    "(DMD2 and SiD train several); remove it"
+                )
+            if self.student.step_counts and getattr(self.recipe, "generator_steps", 1) != 1:
+                raise ValueError(
+                    "student.step_counts and recipe.generator_steps both set the step count: "
+                    "keep one"
                 )
             return self
 

@@ -577,7 +577,7 @@ class Trainer:
             self.cfg,
             self.teacher,
             generator,
-            self.recipe.export_steps,
+            self.recipe.step_counts,
             smoke=self.smoke,
             say=self.accelerator.print,
         )

@@ -54,4 +54,4 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
         ema = GuardedEMA(params, decay=cfg.train.ema.decay)  # the class training checkpoints
         ema.load_state_dict(torch.load(ema_file, weights_only=True))
         ema.copy_to(params)
-    return export_run(cfg, teacher, generator, recipe.export_steps, smoke=smoke)
+    return export_run(cfg, teacher, generator, recipe.step_counts, smoke=smoke)

@@ -48,6 +48,7 @@ class CardInfo:
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     # teacher.loras the student was distilled with: (public name, scale); no local paths
     teacher_loras: list[tuple[str, float]] = field(default_factory=list)
+    step_counts: list[int] = field(default_factory=list)  # student.step_counts, if several
 
 
 def shipped_extras(call: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +195,12 @@ def _other_calls(info: CardInfo) -> str:
     if not others:
         return ""
     said = "; ".join(f"`num_inference_steps={k}{_extra_args(info, k)}`" for k in others)
+    if info.step_counts:
+        counts = ", ".join(str(k) for k in info.step_counts[:-1]) + f" and {info.step_counts[-1]}"
+        return (
+            f". One student for {counts} steps: each training update drew one of them, so "
+            f"every count samples the grid it was trained on; also {said}"
+        )
     return f". It also samples the grid it was trained on with {said}"
 
 
@@ -297,6 +304,7 @@ def card_info(cfg: RunConfig, smoke: bool) -> CardInfo:
         config_summary=flat_summary(cfg),
         has_lora=cfg.student.type == "lora" and cfg.export.lora_file,
         teacher_loras=[(public_lora_name(spec.model_dump()), spec.scale) for spec in teacher.loras],
+        step_counts=list(cfg.student.step_counts or []),
     )
 
 

@@ -176,7 +176,7 @@ def export_student(
     generator: nn.Module,
     output_dir: Path,
     *,
-    steps: int,
+    steps: int | tuple[int, ...],
     verify: bool = True,
     tolerance: float = 1e-4,
     relative_tolerance: float = 0.02,
@@ -184,13 +184,18 @@ def export_student(
     write_card=None,
     metadata: dict | None = None,
 ) -> ExportReport:
-    """Write ``output_dir/pipeline`` (+ ``output_dir/lora``) after checking them on reload."""
+    """Write ``output_dir/pipeline`` (+ ``output_dir/lora``) after checking them on reload.
+
+    ``steps``: the step count(s) the generator was trained for; the export ships those and 1,
+    and its card and distillkit.json lead with the largest."""
+    counts = (steps,) if isinstance(steps, int) else tuple(steps)
+    steps = max(counts)
     generator = getattr(generator, "module", generator)
     merged = merged_copy(generator).to(teacher.device, teacher.dtype)
     noise = _fixed_noise(teacher)
     expected = teacher.generate(merged, noise, teacher.encode([VERIFY_PROMPT]), steps=1)
     check = OutputCheck(teacher.dtype, tolerance, relative_tolerance)
-    shipped = tuple(sorted({1, steps}))
+    shipped = tuple(sorted({1, *counts}))
     trained = _denoiser_output(teacher, generator, noise)
     rounding = check.measure(_denoiser_output(teacher, merged, noise), trained)[1]
 

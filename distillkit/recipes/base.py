@@ -151,6 +151,18 @@ class Recipe:
         """num_inference_steps the exported pipeline is meant to be called with."""
         return 1
 
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """Every step count the generator is trained for (and the export ships and checks)."""
+        return (self.export_steps,)
+
+    def generator_step_count(self, batch: Batch) -> int:
+        """The step count of one generator draw: with ``student.step_counts`` one of them,
+        uniformly, from the batch's stream (the rank-shared one when sharded, so every rank
+        runs as many forwards); otherwise the recipe's only count."""
+        counts = self.step_counts
+        return counts[batch.choice(len(counts))] if len(counts) > 1 else counts[0]
+
     def generator_net(self) -> nn.Module:
         return self.roles[self.generator_role]
 

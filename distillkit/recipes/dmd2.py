@@ -9,7 +9,7 @@ simulation. Defaults are the paper's SDXL settings unless a YAML says otherwise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 
 class DMD2Config(Strict):
+    takes_step_counts: ClassVar[bool] = True  # student.step_counts: see generator_step_count
     name: Literal["dmd2"] = "dmd2"
     real_guidance_scale: float = Field(8.0, ge=0, description="CFG of the teacher score")
     fake_guidance_scale: float = Field(
@@ -135,11 +136,15 @@ class DMD2(Recipe):
 
     @property
     def export_steps(self) -> int:
-        return self.cfg.generator_steps
+        return max(self.step_counts)
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(self.run_cfg.student.step_counts or [self.cfg.generator_steps])
 
     def _generate(self, batch: Batch, cond, with_grad: bool) -> Tensor:
         """Generator samples; backward simulation picks a random stopping step when few-step."""
-        teacher, k = self.teacher, self.cfg.generator_steps
+        teacher, k = self.teacher, self.generator_step_count(batch)
         n = len(batch.prompts)
         noise = batch.randn((n, *teacher.latent_shape()), teacher.device)
         last = batch.choice(k) if k > 1 else 0

@@ -22,7 +22,7 @@ A digits row comparing the two inputs is still owed (it needs a sampler outside 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -48,6 +48,7 @@ LSG_SCALE = 4.5  # SiD-LSG's released kappa_1..4 (the CLIP-optimal setting; 1.5 
 
 
 class SiDConfig(Strict):
+    takes_step_counts: ClassVar[bool] = True  # student.step_counts: see generator_step_count
     name: Literal["sid"] = "sid"
     alpha: float = Field(1.2, description="SiD's alpha (paper default 1.2; SiD-LSG runs use 1.0)")
     guidance: Literal["lsg", "zero_cfg", "anti_cfg"] = Field(
@@ -180,12 +181,16 @@ class SiD(Recipe):
 
     @property
     def export_steps(self) -> int:
-        return self.cfg.generator_steps
+        return max(self.step_counts)
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(self.run_cfg.student.step_counts or [self.cfg.generator_steps])
 
     def _generate(self, batch: Batch, cond: Conditioning, with_grad: bool) -> Tensor:
         """One draw from the uniform mixture over the k generation steps' outputs (few-step SiD:
         a random number of steps per draw, only the last with gradients)."""
-        teacher, k = self.teacher, self.cfg.generator_steps
+        teacher, k = self.teacher, self.generator_step_count(batch)
         noise = batch.randn((len(batch.prompts), *teacher.latent_shape()), teacher.device)
         last = batch.choice(k) if k > 1 else 0
         with torch.set_grad_enabled(with_grad):

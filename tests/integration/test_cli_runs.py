@@ -1,4 +1,5 @@
-"""The real CLI on tiny same-family teachers: re-export, the embedding cache (resume: test_crash_safety)."""
+"""The real CLI on tiny same-family teachers: re-export and the embedding cache (resume and
+its refusals: test_crash_safety, test_bad_inputs)."""
 
 from __future__ import annotations
 

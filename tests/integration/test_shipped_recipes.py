@@ -149,6 +149,21 @@ def test_shipped_recipe_runs_as_on_a_gpu(smoke, name):
         assert _rel_rms(after, samples[1]) <= cfg.export.relative_tolerance
 
 
+def test_one_student_ships_every_step_count_it_trained(smoke):
+    """student.step_counts on SANA (whose few-step grids travel as sigmas): the export ships
+    and checks 1, 2 and 4 steps, the card says so, and plain diffusers samples each."""
+    out, _ = smoke("dmd2_sana", "student.step_counts=[1,2,4]")
+    call = json.loads((out / "pipeline" / "distillkit.json").read_text())
+    assert call["num_inference_steps"] == 4 and sorted(call["calls"]) == ["1", "2", "4"]
+    assert json.loads((out / "export.json").read_text())["shipped_steps"] == [1, 2, 4]
+    assert "One student for 1, 2 and 4 steps" in (out / "pipeline" / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.bfloat16)
+    samples = {k: _sample(pipe, c) for k, c in call["calls"].items()}
+    assert all(np.isfinite(v).all() for v in samples.values())
+    assert not np.allclose(samples["1"], samples["2"])
+    assert not np.allclose(samples["2"], samples["4"])
+
+
 def test_apt_starts_from_another_runs_export(smoke):
     """init_from: the generator begins at the LCM run's exported UNet (kept there by lr 0),
     not at the teacher, while the discriminator still trains from the teacher's weights."""

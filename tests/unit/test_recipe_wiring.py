@@ -4,6 +4,8 @@ spies on the adapter record every network call of the real recipes on tiny SD1.5
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from distillkit.students import lora_owner
 from tests.helpers.recipe_spy import DIRECT, build, make_batch, run_role, spy_on, within
 
 T = 1000  # the tiny teachers' num_train_timesteps
+REPO = Path(__file__).resolve().parents[2]
 NO_GAN = ("recipe.gan_generator_weight=0", "recipe.gan_discriminator_weight=0")
 
 
@@ -174,6 +177,49 @@ def test_dmd2_backward_simulation(sd15, monkeypatch):
             assert torch.equal(call.t, grid[i].expand(2))
             assert call.grad == (i == len(calls) - 1)
     assert len(lengths) > 1 and lengths <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("name", ["dmd2", "sid"])
+def test_one_student_for_several_step_counts(sd15, monkeypatch, name):
+    """student.step_counts=[1, 2, 4]: each generator draw runs the grid of the count the
+    batch's stream picks (replayed here through the same Batch calls), up to the stopping step
+    the stream picks next, with the gradient at the last call only."""
+    from distillkit.recipes.base import Batch
+
+    extra = NO_GAN if name == "dmd2" else ()
+    recipe = build(name, "sd15", sd15, *extra, "student.step_counts=[1,2,4]",
+                   monkeypatch=monkeypatch)  # fmt: skip
+    assert recipe.step_counts == (1, 2, 4) and recipe.export_steps == 4
+    spy = spy_on(monkeypatch, sd15, recipe, make_batch(sd15).prompts)
+    seen = set()
+    for seed in range(12):
+        batch = make_batch(sd15, seed)
+        replay = Batch(batch.prompts, None, None, torch.Generator().set_state(
+            batch.generator.get_state()))  # fmt: skip
+        k = (1, 2, 4)[replay.choice(3)]  # the count, then the noise, then the stopping step
+        replay.randn((2, *sd15.latent_shape()), sd15.device)
+        last = replay.choice(k) if k > 1 else 0
+        spy.clear()
+        run_role(recipe, "generator", batch)
+        calls = spy.of("generator")
+        grid = sd15.generator_timesteps(k)
+        assert len(calls) == last + 1, (seed, k, last)
+        for i, call in enumerate(calls):
+            assert torch.equal(call.t, grid[i].expand(2))
+            assert call.grad == (i == len(calls) - 1)
+        seen.add(k)
+    assert seen == {1, 2, 4}
+
+
+def test_step_counts_are_refused_where_a_recipe_trains_one():
+    from distillkit.config import load_config
+
+    base = REPO / "recipes" / "lcm_sd15.yaml"
+    with pytest.raises(ConfigError, match="recipe 'lcm' trains one step count"):
+        load_config(base, ["student.step_counts=[1,4]"])
+    with pytest.raises(ConfigError, match="both set the step count"):
+        load_config(REPO / "recipes" / "dmd2_sd15.yaml",
+                    ["student.step_counts=[1,4]", "recipe.generator_steps=4"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- SiD
