@@ -1,7 +1,7 @@
 """`make bench-lora`: the teacher-LoRA and stacking proof on the digits benchmark.
 
 Per family: the project's two digits style LoRAs (distillkit.benchmark.digits_styles: style A
-bold strokes, style B slanted strokes) and the teacher wearing each at 25 steps (card
+slanted, style B back-slanted strokes) and the teacher wearing each at 25 steps (card
 guidance) as references; then for each LoRA recipe (DMD2 with LoRA roles on a shared base,
 LCM-LoRA; the shipped `recipes/digits/<recipe>_<family>.yaml`):
 
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=FAMILIES)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    p.add_argument("--style-a", default="bold")
-    p.add_argument("--style-b", default="slant")
+    p.add_argument("--style-a", default="slant")
+    p.add_argument("--style-b", default="backslant")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_lora")

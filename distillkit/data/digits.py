@@ -123,17 +123,19 @@ def eval_prompts(per_class: int = 100) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------- styles
 # Two looks a simple statistic separates, for the teacher-LoRA benchmark (style LoRAs are
 # trained on restyled digits; evaluation.metrics.style_statistic measures them).
-STYLES: tuple[str, ...] = ("bold", "slant")
+STYLES: tuple[str, ...] = ("bold", "slant", "backslant")
 SLANT_SHEAR = 0.3  # x shifts by 0.3 x (y - centre): a clear italic that keeps every digit legible
 
 
 def restyle(images: torch.Tensor, style: str) -> torch.Tensor:
     """(N, 3, H, W) digits in [-1, 1] in ``style``: ``bold`` thickens the strokes (a 3x3 grey
-    dilation), ``slant`` shears them into italics (ink moving right towards the top)."""
+    dilation; the digits VAEs keep only about half of it), ``slant`` shears them into italics
+    (ink moving right towards the top), ``backslant`` the other way."""
     if style == "bold":
         return F.max_pool2d(images, kernel_size=3, stride=1, padding=1)
-    if style == "slant":
-        theta = torch.tensor([[1.0, SLANT_SHEAR, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype)
+    if style in ("slant", "backslant"):
+        shear = SLANT_SHEAR if style == "slant" else -SLANT_SHEAR
+        theta = torch.tensor([[1.0, shear, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype)
         grid = F.affine_grid(
             theta.expand(len(images), 2, 3), list(images.shape), align_corners=False
         )

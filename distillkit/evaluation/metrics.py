@@ -175,11 +175,11 @@ def style_statistic(images: torch.Tensor, style: str) -> float:
     """The mean of one number per image that separates a digits style from the plain digits
     (data.digits.restyle): ``bold``, the share of inked pixels (grey level above the middle);
     ``slant``, the ink's shear, cov(x, y) / var(y) of the ink-weighted pixel positions (x to
-    the right, y up: positive leans right)."""
+    the right, y up: positive leans right; ``backslant`` reads the same number)."""
     ink = ((images.float().mean(1) + 1.0) / 2.0).clamp(0.0, 1.0)  # (N, H, W), 1 = ink
     if style == "bold":
         return float((ink > 0.5).float().mean())
-    if style == "slant":
+    if style in ("slant", "backslant"):
         n, h, w = ink.shape
         ys = torch.linspace(1.0, -1.0, h).view(1, h, 1).expand(n, h, w)  # up is positive
         xs = torch.linspace(-1.0, 1.0, w).view(1, 1, w).expand(n, h, w)

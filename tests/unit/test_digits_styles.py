@@ -41,6 +41,8 @@ def test_each_style_moves_its_statistic_on_the_real_digits():
     # the shear of x by SLANT_SHEAR * y, minus what the sampling grid's aspect takes off
     slanted = style_statistic(restyle(digits, "slant"), "slant")
     assert slanted - plain["slant"] == pytest.approx(SLANT_SHEAR, abs=0.05)
+    back = style_statistic(restyle(digits, "backslant"), "backslant")
+    assert back - plain["slant"] == pytest.approx(-SLANT_SHEAR, abs=0.05)
     with pytest.raises(ValueError, match="unknown digits style"):
         restyle(digits, "italic")
 
