@@ -85,8 +85,9 @@ def test_preemption_of_one_rank_stops_both_at_one_checkpoint(tmp_path, uninterru
     stopped = torchrun(
         out, env={"DISTILLKIT_FAULT": "SIGTERM:after-step-3", "DISTILLKIT_FAULT_RANK": "1"}
     )
-    assert stopped.returncode != 0  # torchrun's own code; each worker's is in its report
-    assert stopped.stderr.count("exitcode  : 75") == 2
+    # torchrun's own code is 1; its report lists the workers' 75 (both or, when it stops the
+    # group after the first exit, only that one: a race of the launcher's, not ours)
+    assert stopped.returncode != 0 and "exitcode  : 75" in stopped.stderr
     marker = json.loads((out / "preempted.json").read_text())
     step = marker["step"]
     assert step in (3, 4) and marker["checkpoint"] == f"step-{step:07d}"
