@@ -25,7 +25,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from distillkit.benchmark.teachers import RESOLUTION, _mix, digits_teacher_dir
+from distillkit.benchmark.teachers import RESOLUTION, digits_teacher_dir
 from distillkit.data.digits import PROMPT_TEMPLATES, STYLES, load_digits_split, prompt_for, restyle
 from distillkit.errors import ConfigError
 from distillkit.registry import get_family
@@ -103,7 +103,7 @@ def train_style_lora(spec: StyleSpec, out_dir: Path) -> dict:
                 for y in split.train_labels[idx]
             ]
             drop = torch.rand(spec.batch_size, generator=gen) < spec.prompt_dropout
-            kwargs = _mix(adapter.encode(prompts), drop)
+            kwargs = adapter.encode(prompts).with_empty_prompts(drop).cond
             x0, t = latents[idx], adapter.sample_t(spec.batch_size, gen)
             noise = torch.randn(x0.shape, generator=gen)
             out = adapter.forward(net, adapter.add_noise(x0, noise, t), t, kwargs)

@@ -40,9 +40,8 @@ Factors = dict[str, tuple[Tensor, Tensor]]  # module name -> (A, B with the scal
 
 @dataclass
 class TeacherLoras:
-    """What the teacher wears, for the export and the model card."""
+    """What the export needs of the fused LoRAs (the card reads teacher.loras itself)."""
 
-    specs: list[TeacherLora]
     factors: Factors
     reload_base: Callable[[], nn.Module]  # the teacher's denoiser as published, without LoRAs
     notes: list[str] = field(default_factory=list)  # what --smoke substituted
@@ -230,4 +229,4 @@ def apply_teacher_loras(
     pipe.fuse_lora(components=[denoiser_attr], lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     denoiser.requires_grad_(False)
-    return TeacherLoras(list(cfg.loras), factors, reload_base, notes)
+    return TeacherLoras(factors, reload_base, notes)
