@@ -18,7 +18,7 @@ from distillkit.errors import ConfigError
 from distillkit.registry import recipe_config_union
 from distillkit.schema import Strict
 
-Family = Literal["sd15", "sdxl", "sana"]
+Family = Literal["sd15", "sdxl", "sana", "sd3", "flux"]
 Precision = Literal["no", "fp16", "bf16"]
 
 
@@ -44,7 +44,15 @@ class TeacherConfig(Strict):
     family: Family | None = None
     resolution: int | None = Field(None, ge=8, le=4096)
     default_guidance: float | None = Field(None, ge=0)
-    license: str | None = None
+    guidance: Literal["auto", "cfg", "embedded"] = Field(
+        "auto",
+        description="how recipes' guidance scales reach the teacher: cfg (two passes with the "
+        "empty prompt) or embedded (the network's guidance input: FLUX.1-dev); auto picks "
+        "embedded where the network has the input",
+    )
+    license: str | None = Field(None, description="the Hub licence id, e.g. openrail++ or other")
+    license_name: str | None = Field(None, description="for license: other, e.g. its Hub name")
+    license_link: str | None = Field(None, description="where the licence text is")
     variant: str | None = Field(None, description="e.g. fp16 weights variant on the Hub")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     use_safetensors: bool = Field(True, description="False allows pickle weights (unsafe)")

@@ -23,9 +23,14 @@ from distillkit.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[1] / "teachers" / "configs"
 DENOISERS = ("unet", "transformer")
 # what diffusers' enable_gradient_checkpointing recomputes (also the FSDP wrap units)
-CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "SanaTransformerBlock")
+CHECKPOINT_UNITS = (
+    "ResnetBlock2D", "BasicTransformerBlock", "SanaTransformerBlock", "JointTransformerBlock",
+    "FluxTransformerBlock", "FluxSingleTransformerBlock",
+)  # fmt: skip
 SANA_TEXT_TOKENS = 300  # SanaPipeline's max_sequence_length
 CLIP_TOKENS = 77
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length (after 77 CLIP tokens)
+FLUX_T5_TOKENS = 512  # FluxPipeline's (FLUX.1-dev's) max_sequence_length
 
 
 def component_dirs(teacher_cfg) -> dict[str, Path]:
@@ -57,7 +62,12 @@ def build_meta(folder: Path) -> nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return instantiate(read_config(folder))
+        module = instantiate(read_config(folder))
+    # init_empty_weights re-creates parameters as they register, which unties transformers'
+    # tied embeddings (T5's shared / embed_tokens): tie them again or they count twice
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module
 
 
 def read_config(folder: Path) -> dict:
@@ -97,7 +107,8 @@ class _FlashLikeAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _sdpa(q, k, v, *args, **kwargs):
+def _sdpa(*args, **kwargs):
+    q, k, v = [*args[:3], *(kwargs.get(n) for n in ("query", "key", "value")[len(args[:3]) :])]
     return _FlashLikeAttention.apply(q, k, v)
 
 
@@ -109,7 +120,27 @@ def denoiser_inputs(
     x = torch.empty(batch, c.in_channels, latent, latent, device="meta")
     x.requires_grad_(input_grad)
     t = torch.full((batch,), 500.0, device="meta")
-    if type(net).__name__ == "SanaTransformer2DModel":
+    kind = type(net).__name__
+    if kind == "SD3Transformer2DModel":
+        text = torch.empty(batch, CLIP_TOKENS + SD3_T5_TOKENS, c.joint_attention_dim, device="meta")
+        pooled = torch.empty(batch, c.pooled_projection_dim, device="meta")
+        return (x,), {"timestep": t, "encoder_hidden_states": text, "pooled_projections": pooled}
+    if kind == "FluxTransformer2DModel":
+        tokens = (latent // 2) ** 2
+        packed = torch.empty(batch, tokens, c.in_channels, device="meta")
+        packed.requires_grad_(input_grad)
+        kwargs = {
+            "timestep": t / 1000,
+            "encoder_hidden_states": torch.empty(
+                batch, FLUX_T5_TOKENS, c.joint_attention_dim, device="meta"
+            ),
+            "pooled_projections": torch.empty(batch, c.pooled_projection_dim, device="meta"),
+            "img_ids": torch.zeros(tokens, 3, device="meta"),
+            "txt_ids": torch.zeros(FLUX_T5_TOKENS, 3, device="meta"),
+            "guidance": torch.full((batch,), 3.5, device="meta") if c.guidance_embeds else None,
+        }
+        return (packed,), kwargs
+    if kind == "SanaTransformer2DModel":
         text = torch.empty(batch, SANA_TEXT_TOKENS, c.caption_channels, device="meta")
         mask = torch.ones(batch, SANA_TEXT_TOKENS, device="meta")
         return (x,), {"timestep": t, "encoder_hidden_states": text, "encoder_attention_mask": mask}
@@ -139,6 +170,7 @@ def trace_activations(
     With checkpointing, a unit keeps only its inputs, plus the largest unit's own activations
     while it is recomputed.
     """
+    net.to("meta")  # buffers too (built real, e.g. SD3's 384^2 position table): one device
     params = {id(p) for p in net.parameters()}
     units = [m for m in net.modules() if type(m).__name__ in CHECKPOINT_UNITS]
     stack: list[int] = []

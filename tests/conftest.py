@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("sd15", "sdxl", "sana")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from distillkit.errors import ConfigError
 from distillkit.registry import get_family, register_source
 from distillkit.teachers.base import Conditioning, TeacherAdapter
 from distillkit.teachers.load import cache_root
-from distillkit.teachers.tiny import FAMILIES, TinySpec, build_tiny_pipeline
+from distillkit.teachers.tiny import TinySpec, build_tiny_pipeline
 
 SPEC_VERSION = 1  # bump when the training code changes what a spec produces
 RESOLUTION = 32
@@ -85,17 +85,28 @@ SPECS: dict[str, TeacherSpec] = {
     "sd15": TeacherSpec(TinySpec("sd15", **_UNET)),
     "sdxl": TeacherSpec(TinySpec("sdxl", **_UNET)),
     "sana": TeacherSpec(
-        TinySpec("sana", vae_downsample=4, vae_channels=16, sana_heads=2, sana_head_dim=32,
-                 sana_layers=4),
+        TinySpec("sana", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
+                 dit_layers=4),
         # SANA prepends a ~900-token instruction to every prompt: pretraining steps cost ~4 s
         text_steps=12, text_lr=1e-2, text_templates=2, flow_shift=1.0,
+    ),
+    # MMDiTs: 2x2 patches of the 8x8x4 latents (16 image tokens) beside 333 (SD3) / 512 (FLUX)
+    # text tokens; FLUX keeps its resolution-dependent shift (exp(mu) = 1.58 at 16 tokens)
+    "sd3": TeacherSpec(
+        TinySpec("sd3", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
+                 dit_layers=4),
+        flow_shift=1.0,
+    ),
+    "flux": TeacherSpec(
+        TinySpec("flux", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
+                 dit_layers=2),
     ),
 }  # fmt: skip
 
 
 def get_spec(family: str, quick: bool = False) -> TeacherSpec:
     if family not in SPECS:
-        raise ConfigError(f"digits teachers exist for {', '.join(FAMILIES)}, not {family!r}")
+        raise ConfigError(f"digits teachers exist for {', '.join(SPECS)}, not {family!r}")
     return SPECS[family].quick() if quick else SPECS[family]
 
 
@@ -201,9 +212,10 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
 def build_untrained(spec: TeacherSpec) -> DiffusionPipeline:
     """The family's tiny pipeline at 32 px with the spec's sizes and seed (random weights)."""
     pipe = build_tiny_pipeline(replace(spec.arch, sample_size=RESOLUTION))
-    if spec.flow_shift is not None:
-        config = {**pipe.scheduler.config, "flow_shift": spec.flow_shift}
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
+    if spec.flow_shift is not None:  # SANA's DPM-Solver calls it flow_shift, FlowMatch* shift
+        key = "flow_shift" if "flow_shift" in pipe.scheduler.config else "shift"
+        config = {**pipe.scheduler.config, key: spec.flow_shift}
+        pipe.scheduler = type(pipe.scheduler).from_config(config)
     return pipe
 
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from distillkit.errors import ConfigError
-from distillkit.export.card import export_sampling_kwargs
+from distillkit.export.card import export_resolution, export_sampling_kwargs
 
 # Denoiser components whose config.sample_size is the latent size (UNets, DiTs).
 _DENOISERS = ("unet", "transformer")
@@ -123,13 +123,21 @@ def memoize_rows(encoder: torch.nn.Module, max_rows: int = 4096) -> None:
 
 
 def default_resolution(pipe: DiffusionPipeline) -> int:
-    """Pixel size the pipeline was built for: denoiser sample_size (latent) x VAE factor."""
+    """Pixel size the pipeline was built for: denoiser sample_size (latent) x VAE factor; where
+    the denoiser has none (FLUX), the resolution a distillkit export was trained at (its
+    distillkit.json), else the pipeline's own default_sample_size x VAE factor."""
+    factor = int(getattr(pipe, "vae_scale_factor", 1))
     for name in _DENOISERS:
         net = getattr(pipe, name, None)
         size = getattr(getattr(net, "config", None), "sample_size", None)
         if size is not None:
             size = size[0] if isinstance(size, (list, tuple)) else size
-            return int(size) * int(getattr(pipe, "vae_scale_factor", 1))
+            return int(size) * factor
+    trained = export_resolution(getattr(pipe, "name_or_path", None) or "")
+    if trained:
+        return trained
+    if getattr(pipe, "default_sample_size", None):
+        return int(pipe.default_sample_size) * factor
     raise ConfigError(
         f"{type(pipe).__name__} has no unet/transformer with a sample_size; pass a resolution"
     )

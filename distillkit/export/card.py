@@ -20,7 +20,10 @@ from distillkit.export.pipeline import EXPORT_META
 from distillkit.registry import get_family
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sana": "SANA"}
+_FAMILY_NAMES = {
+    "sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sana": "SANA",
+    "sd3": "Stable Diffusion 3", "flux": "FLUX.1",
+}  # fmt: skip
 _LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -30,7 +33,7 @@ class CardInfo:
 
     teacher_id: str  # hub id or local path the teacher came from
     teacher_revision: str | None
-    family: str  # "sd15" | "sdxl" | "sana"
+    family: str  # a registered family: "sd15", "sdxl", "sana", "sd3", ...
     pipeline_class: str  # e.g. "StableDiffusionPipeline"
     recipe: str  # e.g. "dmd2"
     student: str  # "lora" | "full"
@@ -38,6 +41,8 @@ class CardInfo:
     guidance_scale: float  # usually 0.0 for distilled students
     scheduler: str  # scheduler class name stored in the export
     license: str | None = None  # taken from the teacher card
+    license_name: str | None = None  # with license "other": which one (e.g. FLUX.1-dev's)
+    license_link: str | None = None
     config_summary: dict[str, Any] = field(default_factory=dict)  # flat key -> value
     eval_results: dict[str, Any] | list[dict[str, Any]] | None = None  # metrics or table rows
     sample_grid: str | None = None  # relative path of a PNG inside the pipeline dir
@@ -97,6 +102,10 @@ def _front_matter(info: CardInfo) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if info.license:
         meta["license"] = info.license
+    if info.license_name:
+        meta["license_name"] = info.license_name
+    if info.license_link:
+        meta["license_link"] = info.license_link
     if _is_hub_id(info.teacher_id):
         meta["base_model"] = info.teacher_id
     meta["library_name"] = "diffusers"
@@ -204,6 +213,15 @@ def _other_calls(info: CardInfo) -> str:
     return f". It also samples the grid it was trained on with {said}"
 
 
+def _licence(info: CardInfo, teacher: str) -> str:
+    name = info.license_name or info.license
+    link = f" ({info.license_link})" if info.license_link else ""
+    return (
+        f"A distilled model is a derivative of its teacher: {teacher}'s licence, "
+        f"`{name}`{link}, governs this model's use, weights and outputs; read it before use."
+    )
+
+
 def render_model_card(info: CardInfo) -> str:
     """README.md text: Hub metadata (YAML front matter), then how it was made and how to call it."""
     teacher = _teacher_ref(info)
@@ -263,6 +281,8 @@ def render_model_card(info: CardInfo) -> str:
             parts.append(
                 _table(cols, [[row.get(c, "") for c in cols] for row in info.eval_results])
             )
+    if info.license:
+        parts += ["## Licence", _licence(info, teacher)]
     if info.sample_grid:
         grid = PurePosixPath(Path(info.sample_grid).as_posix())
         if grid.is_absolute() or ".." in grid.parts:
@@ -282,7 +302,9 @@ def write_model_card(pipeline_dir: Path, info: CardInfo) -> Path:
         raise FileNotFoundError(f"sample grid not found: {pipeline_dir / info.sample_grid}")
     meta = pipeline_dir / "distillkit.json"  # export.EXPORT_META: the shipped call arguments
     if meta.is_file() and not info.calls:
-        info.calls = json.loads(meta.read_text()).get("calls", {})
+        shipped = json.loads(meta.read_text())
+        info.calls = shipped.get("calls", {})
+        info.guidance_scale = float(shipped.get("guidance_scale", info.guidance_scale))
     path = pipeline_dir / "README.md"
     path.write_text(render_model_card(info), encoding="utf-8", newline="\n")
     return path
@@ -301,6 +323,8 @@ def card_info(cfg: RunConfig, smoke: bool) -> CardInfo:
         guidance_scale=0.0,
         scheduler=get_family(teacher.family).export_scheduler_name,
         license=teacher.license,
+        license_name=teacher.license_name,
+        license_link=teacher.license_link,
         config_summary=flat_summary(cfg),
         has_lora=cfg.student.type == "lora" and cfg.export.lora_file,
         teacher_loras=[(public_lora_name(spec.model_dump()), spec.scale) for spec in teacher.loras],
@@ -327,6 +351,14 @@ def export_call_defaults(pipeline_dir: Path | str) -> dict[str, float | int]:
         return {}
     data = json.loads(meta.read_text())
     return {k: data[k] for k in ("num_inference_steps", "guidance_scale") if k in data}
+
+
+def export_resolution(pipeline_dir: Path | str) -> int | None:
+    """The resolution an export was trained at (its distillkit.json), if it says."""
+    meta = Path(pipeline_dir) / EXPORT_META
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("resolution")
 
 
 def export_sampling_kwargs(pipeline_dir: Path | str, steps: int) -> dict:

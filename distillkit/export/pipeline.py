@@ -61,18 +61,19 @@ def _fixed_noise(teacher: TeacherAdapter, seed: int = 1234) -> torch.Tensor:
 def pipeline_one_step(
     pipe: DiffusionPipeline, teacher: TeacherAdapter, noise: torch.Tensor
 ) -> torch.Tensor:
-    """What a user's ``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` computes."""
+    """What a user's ``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` computes (FLUX.1-dev:
+    the guidance input the student was trained with instead of 0)."""
     out = pipe(
         prompt=[VERIFY_PROMPT],
-        guidance_scale=0.0,
-        latents=noise.to(pipe.dtype),
+        guidance_scale=teacher.student_guidance_scale(),
+        latents=teacher.pipeline_latents(noise).to(pipe.dtype),
         height=teacher.resolution,
         width=teacher.resolution,
         output_type="latent",
         **call_arguments(teacher, 1),
         **teacher.pipeline_call_kwargs(),
     )
-    return out.images.float()
+    return teacher.latents_from_pipeline(out.images).float()
 
 
 def call_arguments(teacher: TeacherAdapter, steps: int) -> dict:
@@ -209,7 +210,10 @@ def export_student(
         pipe.save_pretrained(tmp, safe_serialization=True)
         fault_point("export-save", tmp)
         _default_to_fp32(tmp)
-        calls = {str(k): {**call_arguments(teacher, k), "guidance_scale": 0.0} for k in shipped}
+        guidance = teacher.student_guidance_scale()
+        calls = {
+            str(k): {**call_arguments(teacher, k), "guidance_scale": guidance} for k in shipped
+        }
         meta = {**calls[str(steps)], "calls": calls, **(metadata or {})}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
         if verify:

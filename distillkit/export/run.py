@@ -68,6 +68,7 @@ def export_run(
             metadata={
                 "recipe": cfg.recipe.name,
                 "family": cfg.teacher.family,
+                "resolution": teacher.resolution,  # what evaluation samples at by default
                 # public names only: the pipeline folder is what gets pushed
                 "teacher_loras": [
                     {"lora": public_lora_name(spec.model_dump()), "scale": spec.scale}

@@ -92,7 +92,7 @@ class TappedBackbone(nn.Module):
 
         def keep(index: int):
             def hook(_module, _inputs, out) -> None:
-                captured[index] = out[0] if isinstance(out, tuple) else out
+                captured[index] = out  # as the block returns it: the adapter picks
 
             return hook
 

@@ -123,6 +123,7 @@ class TeacherAdapter:
         self.start_timestep: int | None = None  # see use_start_timestep
         self.grid_steps: int | None = None  # see use_sampling_grid
         self.loras: TeacherLoras | None = None  # teacher.loras, fused in (teachers/loras.py)
+        self.default_guidance: float | None = None  # teacher.default_guidance (the card's)
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -183,6 +184,34 @@ class TeacherAdapter:
             "export scheduler's first step; remove the setting"
         )
 
+    def use_guidance(self, mode: str) -> None:
+        """``teacher.guidance``: ``auto`` / ``cfg`` is classifier-free guidance for every family
+        but those whose network reads the scale as an input (FLUX.1-dev), which override this."""
+        if mode == "embedded":
+            raise ConfigError(
+                f"teacher.guidance=embedded: the {self.family} family's network has no guidance "
+                "input; use auto (classifier-free guidance)"
+            )
+
+    def student_guidance_scale(self) -> float:
+        """The ``guidance_scale`` an exported student is called with: 0 (guidance is distilled
+        in, no CFG pass) unless the network reads guidance as an input (FLUX.1-dev)."""
+        return 0.0
+
+    def scheduler_grid_kwargs(self) -> dict:
+        """What ``set_timesteps`` needs beyond the grid that the pipeline computes itself (FLUX's
+        resolution-dependent ``mu``); none by default."""
+        return {}
+
+    def pipeline_latents(self, noise: Tensor) -> Tensor:
+        """``noise`` (N, C, h, w) in the form the pipeline's ``latents=`` takes (default: as is;
+        FLUX packs 2x2 patches into tokens)."""
+        return noise
+
+    def latents_from_pipeline(self, latents: Tensor) -> Tensor:
+        """The pipeline's ``output_type="latent"`` result back as (N, C, h, w)."""
+        return latents
+
     def pipeline_call_kwargs(self) -> dict:
         """Extra arguments the family's pipeline needs to reproduce training-time sampling."""
         return {}
@@ -197,9 +226,10 @@ class TeacherAdapter:
         """The block whose output serves as GAN features, and its channel count."""
         raise NotImplementedError
 
-    def features_to_map(self, feats: Tensor) -> Tensor:
-        """Shape features as (N, C, h, w) for a convolutional head."""
-        return feats
+    def features_to_map(self, feats: Any) -> Tensor:
+        """A feature block's output, as the block returns it, shaped (N, C, h, w) for a
+        convolutional head (default: the first element of a tuple, as is)."""
+        return feats[0] if isinstance(feats, tuple) else feats
 
     def feature_blocks(self, net: nn.Module) -> list[tuple[nn.Module, int]]:
         """The denoiser's main blocks in forward order with their output channels, for
@@ -354,10 +384,11 @@ class TeacherAdapter:
         """Set ``scheduler`` up for a ``steps``-step call with the arguments exports ship, as the
         pipeline's ``retrieve_timesteps`` does (explicit sigmas win over the step count)."""
         extra = self.sampling_call_kwargs(steps)
+        shift = self.scheduler_grid_kwargs()
         if extra:
-            scheduler.set_timesteps(device=self.device, **extra)
+            scheduler.set_timesteps(device=self.device, **extra, **shift)
         else:
-            scheduler.set_timesteps(steps, device=self.device)
+            scheduler.set_timesteps(steps, device=self.device, **shift)
         return scheduler.timesteps.float()
 
     def generate(

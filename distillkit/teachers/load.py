@@ -114,4 +114,6 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, smoke: bool = False) 
     except ValueError as err:
         raise ConfigError(str(err)) from None
     adapter.loras = loras
+    adapter.default_guidance = cfg.default_guidance
+    adapter.use_guidance(cfg.guidance)
     return adapter

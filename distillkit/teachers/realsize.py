@@ -28,7 +28,10 @@ import torch
 import yaml
 from diffusers import (
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     SanaPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -37,24 +40,25 @@ from torch import nn
 from distillkit.errors import ConfigError
 from distillkit.plan_arch import CONFIGS, instantiate, read_config
 from distillkit.teachers.tiny import (
-    _clip_tokenizer,
-    _gemma_tokenizer,
     _sana_scheduler,
     _sd15_scheduler,
     _sdxl_scheduler,
     _seeded,
 )
+from distillkit.teachers.tiny_mmdit import FLUX_DEV_SCHEDULER, SD35_SCHEDULER
+from distillkit.teachers.tiny_text import clip_tokenizer, gemma_tokenizer, t5_tokenizer
 
 CARDS = CONFIGS.parent  # teachers/<card>.yaml beside teachers/configs/<card>/
 MARKER = "distillkit_realsize.json"  # written last: a directory without it is incomplete
 # the seed index of each network (tiny.py's order, so the families share a convention)
 SEED_INDEX = {"text_encoder": 1, "unet": 2, "transformer": 2, "vae": 3, "text_encoder_2": 4}
+SEED_INDEX["text_encoder_3"] = 5
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-PIPELINES["sana"] = SanaPipeline
+PIPELINES.update(sana=SanaPipeline, sd3=StableDiffusion3Pipeline, flux=FluxPipeline)
 
 
 def card_family(card: str) -> str:
-    """``teachers/<card>.yaml``'s family (sd15 / sdxl / sana)."""
+    """``teachers/<card>.yaml``'s family (sd15 / sdxl / sana / sd3 / flux)."""
     path = CARDS / f"{card}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CARDS.glob("*.yaml"))
@@ -66,7 +70,7 @@ def _extras(family: str) -> dict:
     """The pipeline's non-network components (tokenizers, scheduler, flags)."""
     if family == "sd15":
         return {
-            "tokenizer": _clip_tokenizer(),
+            "tokenizer": clip_tokenizer(),
             "scheduler": _sd15_scheduler(),
             "safety_checker": None,
             "feature_extractor": None,
@@ -74,12 +78,25 @@ def _extras(family: str) -> dict:
         }
     if family == "sdxl":
         return {
-            "tokenizer": _clip_tokenizer(),
-            "tokenizer_2": _clip_tokenizer(pad_token="!"),  # the real tokenizer_2 pads with "!"
+            "tokenizer": clip_tokenizer(),
+            "tokenizer_2": clip_tokenizer(pad_token="!"),  # the real tokenizer_2 pads with "!"
             "scheduler": _sdxl_scheduler(),
             "force_zeros_for_empty_prompt": True,
         }
-    return {"tokenizer": _gemma_tokenizer(), "scheduler": _sana_scheduler()}
+    if family == "sd3":
+        return {
+            "tokenizer": clip_tokenizer(),
+            "tokenizer_2": clip_tokenizer(pad_token="!"),
+            "tokenizer_3": t5_tokenizer(),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER),
+        }
+    if family == "flux":
+        return {
+            "tokenizer": clip_tokenizer(),
+            "tokenizer_2": t5_tokenizer(),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+        }
+    return {"tokenizer": gemma_tokenizer(), "scheduler": _sana_scheduler()}
 
 
 @contextlib.contextmanager

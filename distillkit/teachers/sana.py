@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import inspect
-import math
 
-import numpy as np
-from diffusers import FlowMatchLCMScheduler
 from torch import Tensor, nn
 
-from distillkit.diffusion.schedules import FlowSchedule
 from distillkit.registry import register_family
 from distillkit.teachers.base import TeacherAdapter
+from distillkit.teachers.flow import FlowAdapterMixin, tokens_to_map
 
 
 @register_family("sana")
-class SanaAdapter(TeacherAdapter):
+class SanaAdapter(FlowAdapterMixin, TeacherAdapter):
     pipeline_class = "SanaPipeline"
-    denoiser_attr = "transformer"
-    export_scheduler_name = "FlowMatchLCMScheduler"
-
-    def build_schedule(self, scheduler_config: dict) -> FlowSchedule:
-        shift = float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
-        n = int(scheduler_config.get("num_train_timesteps", 1000))
-        return FlowSchedule("flow", n, shift=shift)
 
     def _call_default(self, name: str):
         """Defaults of SanaPipeline.__call__ (e.g. its long complex-human instruction)."""
@@ -52,35 +42,6 @@ class SanaAdapter(TeacherAdapter):
             out = out.chunk(2, dim=1)[0]
         return out
 
-    def export_scheduler(self) -> FlowMatchLCMScheduler:
-        # Its step is "x0 = x - sigma * v, re-noise to the next sigma"; at one step sigma = 1.
-        return FlowMatchLCMScheduler(
-            num_train_timesteps=self.schedule.num_train_timesteps, shift=self.schedule.shift
-        )
-
-    @staticmethod
-    def grid_sigmas(steps: int, base: int) -> list[float]:
-        """``steps`` points of the ``base``-point trailing flow grid u_j = 1 - j / base, picked
-        at floor(i * base / steps): LCMScheduler's rule, so a k-step SANA student samples k
-        points of its training grid as an SD one does. The scheduler applies its shift to them.
-
-        FlowMatchLCMScheduler's own k-step grid cannot serve: it spaces sigmas from 1 down to
-        its minimum and always ends there (shift 3: [1.0, 0.009] at 2 steps, [1.0, 0.858,
-        0.602, 0.009] at 4), so a "2-step" student would be a 1-step one. SanaPipeline takes
-        ``sigmas=``; exports store them with each step count they ship."""
-        picks = np.floor(np.linspace(0, base, steps, endpoint=False))
-        return [float(u) for u in 1.0 - picks / base]
-
-    def sampling_call_kwargs(self, steps: int) -> dict:
-        base = self.grid_steps or self.schedule.num_train_timesteps
-        return {"sigmas": self.grid_sigmas(steps, base)}
-
-    def solver_timesteps(self, n: int) -> Tensor:
-        # the whole n-point grid (LCM's DDIM-grid counterpart: [T, T - T/n, ..., T/n], shifted)
-        scheduler = self.export_scheduler()
-        scheduler.set_timesteps(sigmas=self.grid_sigmas(n, n), device=self.device)
-        return scheduler.timesteps.float()
-
     def pipeline_call_kwargs(self) -> dict:
         return {"use_resolution_binning": False}
 
@@ -94,6 +55,4 @@ class SanaAdapter(TeacherAdapter):
         return [(block, width) for block in net.transformer_blocks]
 
     def features_to_map(self, feats: Tensor) -> Tensor:
-        n, tokens, width = feats.shape
-        side = math.isqrt(tokens)
-        return feats.transpose(1, 2).reshape(n, width, side, tokens // side)
+        return tokens_to_map(feats)

@@ -39,34 +39,26 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    Gemma2Config,
-    Gemma2Model,
-    GemmaTokenizer,
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from distillkit.teachers.tiny_text import (
+    clip_text_config,
+    clip_tokenizer,
+    gemma_model,
+    gemma_tokenizer,
 )
 
-FAMILIES = ("sd15", "sdxl", "sana")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
+UNET_FAMILIES = ("sd15", "sdxl")
+PATCH_FAMILIES = ("sd3", "flux")  # 2x2 latent patches (SD3 patchifies, FLUX packs)
 M = TypeVar("M", bound=torch.nn.Module)
 
-# Whole-word merges so digit prompts ("a handwritten digit seven") get word tokens; every other
-# string still tokenizes (bytes for CLIP, characters or byte fallback for Gemma).
-_WORDS = (
-    "a", "an", "the", "of", "photo", "handwritten", "digit", "number", "cat", "dog",
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-)  # fmt: skip
 # Scheduler values of the real SD1.5 / SDXL checkpoints (scheduler_config.json).
 _SD_SCHEDULER = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
     "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
 }  # fmt: skip
-_CLIP_MAX_LEN = 77
-_SANA_MAX_LEN = 2048  # >= the ~900-token default instruction + max_sequence_length 300
 
 
 @dataclass(frozen=True)
@@ -85,9 +77,10 @@ class TinySpec:
     text_layers: int = 2  # >= 2: SDXL reads hidden_states[-2]
     vae_channels: int = 16  # width of every VAE block
     addition_time_embed_dim: int = 8  # sdxl micro-conditioning (real: 256)
-    sana_heads: int = 2
-    sana_head_dim: int = 8
-    sana_layers: int = 1
+    dit_heads: int = 2  # transformer families (sana, sd3, flux)
+    dit_head_dim: int = 8
+    dit_layers: int = 1
+    guidance_embeds: bool = True  # flux: FLUX.1-dev's guidance input (False: schnell's layout)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -98,7 +91,9 @@ class TinySpec:
         if self.sample_size % d:
             raise ValueError(f"sample_size {self.sample_size} not divisible by {d}")
         unet_factor = 2 ** (len(self.block_out_channels) - 1)
-        if self.family != "sana" and self.latent_size % unet_factor:
+        if self.family in PATCH_FAMILIES and self.latent_size % 2:
+            raise ValueError(f"latent size {self.latent_size} must be even (2x2 patches)")
+        if self.family in UNET_FAMILIES and self.latent_size % unet_factor:
             raise ValueError(f"latent size {self.latent_size} not divisible by {unet_factor}")
 
     @property
@@ -113,49 +108,6 @@ def _seeded(seed: int, index: int, build: Callable[[], M]) -> M:
         return build().eval()
 
 
-def _chain_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Left-to-right BPE merges that assemble each word (given as symbols) into one token."""
-    merges: list[tuple[str, str]] = []
-    for symbols in words:
-        cur = symbols[0]
-        for s in symbols[1:]:
-            if (cur, s) not in merges:
-                merges.append((cur, s))
-            cur += s
-    return merges
-
-
-def _merge_vocab(base: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    out = list(dict.fromkeys(base))
-    out += [a + b for a, b in merges if a + b not in out]
-    return out
-
-
-def _clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """Byte-level BPE: 256 byte symbols (+ end-of-word forms), word merges, specials last."""
-    alphabet = sorted(ByteLevel.alphabet())
-    merges = _chain_merges([[*w[:-1], w[-1] + "</w>"] for w in _WORDS if len(w) > 1])
-    tokens = _merge_vocab(alphabet + [c + "</w>" for c in alphabet], merges)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last ids, as in the real CLIP vocab
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(
-        vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=_CLIP_MAX_LEN
-    )
-
-
-def _gemma_tokenizer() -> GemmaTokenizer:
-    """Gemma-style BPE: specials, 256 byte-fallback tokens, printable characters, word merges."""
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    chars = ["▁", "\n"] + [chr(i) for i in range(33, 127)]
-    merges = _chain_merges([["▁", *w] for w in _WORDS])
-    tokens = _merge_vocab(specials + byte_tokens + chars, merges)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return GemmaTokenizer(
-        vocab=vocab, merges=merges, add_bos_token=True, model_max_length=_SANA_MAX_LEN
-    )
-
-
 def _sd15_scheduler() -> PNDMScheduler:
     return PNDMScheduler.from_config({**_SD_SCHEDULER, "skip_prk_steps": True})
 
@@ -168,25 +120,6 @@ def _sana_scheduler() -> DPMSolverMultistepScheduler:
     """SANA's flow-matching DPM-Solver++ (flow_shift 3, as the released 1024 px pipelines)."""
     return DPMSolverMultistepScheduler(
         flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True
-    )
-
-
-def _clip_config(
-    spec: TinySpec, tok: CLIPTokenizer, hidden: int, act: str = "quick_gelu"
-) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=hidden,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=4,
-        max_position_embeddings=_CLIP_MAX_LEN,
-        hidden_act=act,
-        # CLIP pools at the first eos id: it must be the tokenizer's, not CLIP's 49407.
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
 
 
@@ -222,7 +155,7 @@ def _unet(spec: TinySpec, sdxl: bool, cross_dim: int, pooled_dim: int = 0) -> UN
     )
 
 
-def _vae_kl(spec: TinySpec, scaling_factor: float) -> AutoencoderKL:
+def _vae_kl(spec: TinySpec, scaling_factor: float, **extra) -> AutoencoderKL:
     n = int(math.log2(spec.vae_downsample)) + 1  # each block but the last halves the size
     return AutoencoderKL(
         in_channels=3,
@@ -235,13 +168,15 @@ def _vae_kl(spec: TinySpec, scaling_factor: float) -> AutoencoderKL:
         latent_channels=spec.latent_channels,
         sample_size=spec.sample_size,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
 def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
-    tok, h = _clip_tokenizer(), spec.text_hidden
+    tok, h = clip_tokenizer(), spec.text_hidden
+    text_cfg = clip_text_config(tok, h, spec.text_layers)
     return StableDiffusionPipeline(
-        text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(_clip_config(spec, tok, h))),
+        text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(text_cfg)),
         unet=_seeded(spec.seed, 2, lambda: _unet(spec, sdxl=False, cross_dim=h)),
         vae=_seeded(spec.seed, 3, lambda: _vae_kl(spec, scaling_factor=0.18215)),
         tokenizer=tok,
@@ -253,9 +188,11 @@ def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
 
 
 def _build_sdxl(spec: TinySpec) -> StableDiffusionXLPipeline:
-    tok, tok_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")  # real tokenizer_2 pads "!"
+    tok, tok_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")  # real tokenizer_2 pads "!"
     h1, h2 = spec.text_hidden, 2 * spec.text_hidden
-    cfg_1, cfg_2 = _clip_config(spec, tok, h1), _clip_config(spec, tok_2, h2, act="gelu")
+    layers = spec.text_layers
+    cfg_1 = clip_text_config(tok, h1, layers)
+    cfg_2 = clip_text_config(tok_2, h2, layers, act="gelu")
     return StableDiffusionXLPipeline(
         text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(cfg_1)),
         text_encoder_2=_seeded(spec.seed, 4, lambda: CLIPTextModelWithProjection(cfg_2)),
@@ -268,34 +205,16 @@ def _build_sdxl(spec: TinySpec) -> StableDiffusionXLPipeline:
     )
 
 
-def _gemma(spec: TinySpec, tok: GemmaTokenizer) -> Gemma2Model:
-    h = spec.text_hidden
-    cfg = Gemma2Config(
-        vocab_size=len(tok),
-        hidden_size=h,
-        intermediate_size=2 * h,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=h // 2,
-        max_position_embeddings=_SANA_MAX_LEN,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return Gemma2Model(cfg)
-
-
 def _sana_transformer(spec: TinySpec) -> SanaTransformer2DModel:
     return SanaTransformer2DModel(
         in_channels=spec.latent_channels,
         out_channels=spec.latent_channels,
-        num_attention_heads=spec.sana_heads,
-        attention_head_dim=spec.sana_head_dim,
-        num_layers=spec.sana_layers,
-        num_cross_attention_heads=spec.sana_heads,
-        cross_attention_head_dim=spec.sana_head_dim,
-        cross_attention_dim=spec.sana_heads * spec.sana_head_dim,
+        num_attention_heads=spec.dit_heads,
+        attention_head_dim=spec.dit_head_dim,
+        num_layers=spec.dit_layers,
+        num_cross_attention_heads=spec.dit_heads,
+        cross_attention_head_dim=spec.dit_head_dim,
+        cross_attention_dim=spec.dit_heads * spec.dit_head_dim,
         caption_channels=spec.text_hidden,
         sample_size=spec.latent_size,  # latent size, as in the real config (32 for 1024 px)
         patch_size=1,
@@ -321,10 +240,10 @@ def _vae_dc(spec: TinySpec) -> AutoencoderDC:
 
 
 def _build_sana(spec: TinySpec) -> SanaPipeline:
-    tok = _gemma_tokenizer()
+    tok, h = gemma_tokenizer(), spec.text_hidden
     return SanaPipeline(
         tokenizer=tok,
-        text_encoder=_seeded(spec.seed, 1, lambda: _gemma(spec, tok)),
+        text_encoder=_seeded(spec.seed, 1, lambda: gemma_model(tok, h, spec.text_layers)),
         transformer=_seeded(spec.seed, 2, lambda: _sana_transformer(spec)),
         vae=_seeded(spec.seed, 3, lambda: _vae_dc(spec)),
         scheduler=_sana_scheduler(),
@@ -336,6 +255,10 @@ _BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl, "sana": _build_sana}
 
 def build_tiny_pipeline(spec: TinySpec) -> DiffusionPipeline:
     """Build the family's diffusers pipeline with tiny random weights (same seed, same weights)."""
+    if spec.family in PATCH_FAMILIES:
+        from distillkit.teachers.tiny_mmdit import BUILDERS  # they build on this module's parts
+
+        return BUILDERS[spec.family](spec)
     return _BUILDERS[spec.family](spec)
 
 

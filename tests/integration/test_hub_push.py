@@ -291,3 +291,25 @@ def test_model_card_minimal_and_local_teacher(tmp_path: Path) -> None:
     assert "few-step" in meta["tags"] and str(tmp_path) not in text
     assert "load_lora_weights" not in body and "| steps | fd |" in body and "| 4 |  |" in body
     compile(body.split("```python\n", 1)[1].split("```", 1)[0], "usage", "exec")
+
+
+def test_model_card_of_a_flux_dev_student_names_its_licence_and_guidance(tmp_path: Path) -> None:
+    """license: other with the teacher's licence name and link in the metadata, a Licence
+    section in the body, and the usage snippet calls the student at dev's guidance input."""
+    info = card_info(
+        teacher_id="black-forest-labs/FLUX.1-dev",
+        family="flux",
+        pipeline_class="FluxPipeline",
+        scheduler="FlowMatchLCMScheduler",
+        license="other",
+        license_name="flux-1-dev-non-commercial-license",
+        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+        guidance_scale=3.5,
+        has_lora=False,
+    )
+    meta, body = split_card(render_model_card(info))
+    assert (meta["license"], meta["license_name"]) == ("other", "flux-1-dev-non-commercial-license")
+    assert meta["license_link"].endswith("FLUX.1-dev/blob/main/LICENSE.md")
+    licence = body.split("## Licence", 1)[1]
+    assert "`flux-1-dev-non-commercial-license`" in licence and "derivative" in licence
+    assert "guidance_scale=3.5" in body.split("```python\n", 1)[1] and "FLUX.1" in body

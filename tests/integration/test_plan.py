@@ -1,4 +1,4 @@
-"""`distillkit plan` on the shipped SD1.5 / SDXL / SANA recipes: rows, totals, levers.
+"""`distillkit plan` on the shipped recipes (SD1.5 to FLUX.1-dev): rows, totals, levers.
 
 The architectures come from teachers/configs on the meta device: no weights are downloaded.
 """
@@ -28,7 +28,16 @@ def run_plan(*argv: str) -> int:
 
 @pytest.mark.parametrize(
     ("folder", "expected"),
-    [("sd15/unet", 859_520_964), ("sdxl_base/unet", 2_567_463_684)],
+    [
+        ("sd15/unet", 859_520_964),
+        ("sdxl_base/unet", 2_567_463_684),
+        # SD3.5 Medium's 2.47B counts its 226M-value position table, a buffer
+        ("sd35_medium/transformer", 2_243_171_520),
+        ("sd35_large/transformer", 8_056_627_520),
+        ("flux1_dev/transformer", 11_901_408_320),
+        # T5-XXL encoder: shared and embed_tokens are one tied table, counted once
+        ("sd35_medium/text_encoder_3", 4_762_310_656),
+    ],
 )
 def test_shipped_configs_have_the_published_parameter_counts(folder, expected):
     assert count_params(CONFIGS / folder) == expected
@@ -40,8 +49,9 @@ def test_sana_transformer_is_1_6b():
 
 @pytest.mark.parametrize(
     ("recipe", "teacher_gib", "low", "high"),
-    [("dmd2_sd15", 1.99, 30, 200), ("dmd2_sdxl", 6.46, 70, 200), ("dmd2_sana", 8.44, 40, 150)],
-)
+    [("dmd2_sd15", 1.99, 30, 200), ("dmd2_sdxl", 6.46, 70, 200), ("dmd2_sana", 8.44, 40, 150),
+     ("dmd2_flux", 31.42, 200, 600)],
+)  # fmt: skip
 def test_plan_table_for_shipped_recipes(capsys, recipe, teacher_gib, low, high):
     assert run_plan(f"recipes/{recipe}.yaml", "--gpu-memory", "80GB") == 0
     out = capsys.readouterr().out

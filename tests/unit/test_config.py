@@ -32,7 +32,7 @@ def test_every_shipped_yaml_validates(path):
 def test_teacher_cards_pin_a_revision():
     for card in (REPO / "teachers").glob("*.yaml"):
         data = yaml.safe_load(card.read_text())
-        assert data["model_id"] and data["family"] in ("sd15", "sdxl", "sana")
+        assert data["model_id"] and data["family"] in ("sd15", "sdxl", "sana", "sd3", "flux")
         assert len(str(data["revision"])) == 40, f"{card} should pin a commit"
 
 
@@ -69,7 +69,8 @@ BAD_OVERRIDES = [
     (["recipe.lr.generatr=1e-5"], "recipe.lr"),
     (["student.type=half"], "student.type"),
     (["student.lora.rank=0"], "student.lora.rank"),
-    (["teacher.family=sd3"], "teacher.family"),
+    (["teacher.family=sd4"], "teacher.family"),
+    (["teacher.guidance=true_cfg"], "teacher.guidance"),
     (["teacher.resolution=4"], "teacher.resolution"),
     (["train.mixed_precision=fp8"], "train.mixed_precision"),
     (["train.attention=flash"], "train.attention"),

@@ -83,8 +83,11 @@ def test_load_pipeline_rejects_other_dirs(tmp_path: Path) -> None:
 def test_evaluate_digits_each_family(
     family: str, tiny_dirs: dict[str, Path], judge_cache: Path
 ) -> None:
+    # FLUX's transformer has no sample_size and a bare teacher dir no distillkit.json: the
+    # default would be FluxPipeline's 1024 px
+    size = {"resolution": 32} if family == "flux" else {}
     scores = evaluate_digits(
-        tiny_dirs[family], steps=2, guidance=2.0, per_class=2, judge_cache=judge_cache
+        tiny_dirs[family], steps=2, guidance=2.0, per_class=2, judge_cache=judge_cache, **size
     )
     assert set(METRIC_KEYS) <= set(scores)
     assert all(math.isfinite(scores[k]) for k in METRIC_KEYS)

@@ -20,6 +20,8 @@ CLASS_NAMES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sana": "SanaPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 

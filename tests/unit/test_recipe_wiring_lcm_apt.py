@@ -13,7 +13,7 @@ from distillkit.students import lora_owner, merged_copy, plain_copy
 from distillkit.teachers.load import load_teacher
 from tests.helpers.recipe_spy import DIRECT, build, grads_of, make_batch, run_role, spy_on, within
 
-FAMILIES = ("sd15", "sdxl", "sana")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -159,7 +159,7 @@ def test_shared_base_calls_run_the_right_adapter(monkeypatch, name):
 @pytest.mark.parametrize("skipping_step", [20, 100])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lcm_export_samples_the_training_grid(tiny_adapter, monkeypatch, family, skipping_step):
-    """The exported scheduler, set up as export's _check_grids does (sampling_call_kwargs),
+    """The exported scheduler, set up as export's _check_grids does (adapter.set_grid),
     samples at each shipped step count k in {1, export_steps} k timesteps of recipe.grid."""
     adapter = tiny_adapter(family)
     recipe = build("lcm", family, adapter, f"recipe.skipping_step={skipping_step}",
@@ -167,13 +167,7 @@ def test_lcm_export_samples_the_training_grid(tiny_adapter, monkeypatch, family,
     grid = recipe.grid
     assert len(grid) == 1000 // skipping_step + 1
     for k in sorted({1, recipe.export_steps}):
-        scheduler = adapter.export_scheduler()
-        extra = adapter.sampling_call_kwargs(k)
-        if extra:
-            scheduler.set_timesteps(device=adapter.device, **extra)
-        else:
-            scheduler.set_timesteps(k, device=adapter.device)
-        got = scheduler.timesteps.float()
+        got = adapter.set_grid(adapter.export_scheduler(), k)
         assert len(got) == k and torch.isin(got, grid).all(), (k, got.tolist(), grid.tolist())
 
 

@@ -38,7 +38,7 @@ def test_lora_targets_exist_in_the_real_architecture(path):
         pytest.skip("no LoRA network in this recipe")
     card = Path(cfg.teacher.card).stem
     folder = REPO / "teachers" / "configs" / card
-    denoiser = folder / ("transformer" if cfg.teacher.family == "sana" else "unet")
+    denoiser = folder / ("unet" if cfg.teacher.family in ("sd15", "sdxl") else "transformer")
     names = [name for name, _ in build_meta(denoiser).named_modules()]
     for field, modules in targets.items():
         missing = [t for t in modules if _matches(names, t) == 0]
