@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 # open_clip run (see README "Installation"); a bare `torch` can pull a multi-GB CUDA build.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 STAMP   := $(VENV)/.setup-stamp
+# pytest runs in two worker processes (pytest-xdist); PYTEST_ARGS="-n 0 tests/unit": one
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint format bench-quality bench-lora bench-perf bench-realsize soak gpu-wheels gpu-check clean
@@ -25,7 +26,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check distillkit tests evaluation
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check distillkit tests evaluation

@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))  # this checkout's distillkit (not installed on th
 
 from distillkit.benchmark.provenance import git_commit, machine  # noqa: E402
 from distillkit.benchmark.realsize_cases import (  # noqa: E402
-    FAMILIES,
     FAMILY_CARDS,
     GIB,
+    GPU_FAMILIES,
+    TOO_BIG_FOR_ONE_GPU,
     Case,
     file_sizes,
     plan_summary,
@@ -219,7 +220,8 @@ def summarise(result: dict, shipped_fake_updates: int | None) -> dict:
 
 def cases_for(family: str, xformers: bool) -> list[Case]:
     attention = ["sdpa", "xformers"]
-    return [Case(family, k, a) for a in attention for k in KINDS if a == "sdpa" or xformers]
+    kinds = [k for k in KINDS if (family, k) not in TOO_BIG_FOR_ONE_GPU]
+    return [Case(family, k, a) for a in attention for k in kinds if a == "sdpa" or xformers]
 
 
 def _nvidia_smi() -> str | None:
@@ -236,7 +238,7 @@ def _nvidia_smi() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(GPU_FAMILIES))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=450, help="start no case after this")
     parser.add_argument("--case-timeout-s", type=float, default=240)

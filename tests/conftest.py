@@ -23,7 +23,8 @@ def _isolated_environment(tmp_path_factory):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["WANDB_MODE"] = "offline"
-    torch.set_num_threads(2)
+    # pytest-xdist runs two workers on the two cores: one thread each
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     yield
     for key, value in saved.items():
         if value is None:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
-FAMILIES = ("sd15", "sdxl", "sana")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3")  # what a 24 GiB CPU machine can hold (bench-realsize)
+GPU_FAMILIES = (*FAMILIES, "flux")  # FLUX.1-dev's 12B + T5-XXL: only on the GPU check
 FAMILY_CARDS = {"sd15": "sd15", "sdxl": "sdxl_base", "sana": "sana_1600m_1024"}
+FAMILY_CARDS.update(sd3="sd35_medium", flux="flux1_dev")
+# cases `distillkit plan` puts beyond one 141 GB H200 (full FLUX DMD2: about 389 GiB)
+TOO_BIG_FOR_ONE_GPU = {("flux", "dmd2_full")}
 LORA_SHARED = ("student.type=lora", "recipe.fake_score=lora", "student.shared_base=true")
 # case name -> (recipe YAML prefix, overrides that make the case)
 CASE_KINDS = {

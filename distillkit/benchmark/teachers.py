@@ -12,6 +12,7 @@ exactly the parameterization DMD2 later assumes. Results are cached under
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -60,6 +61,9 @@ class TeacherSpec:
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1  # share of empty-prompt samples, for classifier-free guidance
     flow_shift: float | None = None  # replaces a flow scheduler's shift (None keeps the default)
+    # networks with a guidance input (FLUX.1-dev): then distil CFG into it, as dev was made
+    guidance_steps: int = 0
+    guidance_range: tuple[float, float] = (1.0, 4.0)
     seed: int = 0
 
     @property
@@ -70,7 +74,7 @@ class TeacherSpec:
         """A few seconds of training: enough for tests to see every loss go down."""
         return replace(
             self, vae_steps=40, vae_batch=16, text_steps=min(self.text_steps, 1), steps=40,
-            batch_size=16, warmup=5,
+            batch_size=16, warmup=5, guidance_steps=min(self.guidance_steps, 20),
         )  # fmt: skip
 
     def key(self) -> str:
@@ -100,6 +104,7 @@ SPECS: dict[str, TeacherSpec] = {
     "flux": TeacherSpec(
         TinySpec("flux", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
                  dit_layers=2),
+        guidance_steps=500,
     ),
 }  # fmt: skip
 
@@ -209,6 +214,48 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
     return {"loss_first": _window(losses, False), "loss_final": _window(losses, True)}
 
 
+def distil_guidance(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> dict:
+    """FLUX.1-dev's guidance distillation in small: the trained network (its guidance input
+    held at the default throughout :func:`train_denoiser`) becomes the frozen CFG teacher, and
+    the network learns to answer u + g (c - u) for the input g ~ U(guidance_range) in one
+    pass. Without it the input means nothing and FluxPipeline's ``guidance_scale`` would feed
+    the network values it never saw."""
+    net = adapter.denoiser
+    base = copy.deepcopy(net).requires_grad_(False).eval()
+    latents = torch.cat([adapter.encode_images(b) for b in split.train_images.split(256)])
+    labels = split.train_labels
+    net.requires_grad_(True).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr / 4, weight_decay=0.0)
+    rng, (lo, hi), losses = random.Random(spec.seed + 1), spec.guidance_range, []
+    for step in range(spec.guidance_steps):
+        idx = torch.randint(0, len(latents), (spec.batch_size,), generator=gen)
+        prompts = [prompt_for(int(y), rng.randrange(len(PROMPT_TEMPLATES))) for y in labels[idx]]
+        cond = adapter.encode(prompts)
+        x0, t = latents[idx], adapter.sample_t(spec.batch_size, gen)
+        x_t = adapter.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+        g = lo + (hi - lo) * torch.rand(spec.batch_size, generator=gen)
+        with torch.no_grad():
+            c, u = (
+                adapter.forward(base, x_t, t, cond.cond),
+                adapter.forward(base, x_t, t, cond.uncond),
+            )
+            target = u + g.reshape(-1, 1, 1, 1) * (c - u)
+        loss = F.mse_loss(adapter.predict(net, x_t, t, cond, guidance=g), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            _log(f"guidance {step}/{spec.guidance_steps} loss {_window(losses, True):.4f}")
+    net.requires_grad_(False).eval()
+    return {
+        "guidance_loss_first": _window(losses, False),
+        "guidance_loss_final": _window(losses, True),
+    }
+
+
 def build_untrained(spec: TeacherSpec) -> DiffusionPipeline:
     """The family's tiny pipeline at 32 px with the spec's sizes and seed (random weights)."""
     pipe = build_tiny_pipeline(replace(spec.arch, sample_size=RESOLUTION))
@@ -237,6 +284,8 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
             adapter, spec.text_steps, spec.text_lr, spec.text_templates, spec.seed
         )
         report |= train_denoiser(adapter, split, spec, gen)
+        if spec.guidance_steps and getattr(adapter, "has_guidance_input", False):
+            report |= distil_guidance(adapter, split, spec, gen)
     report |= {
         "family": family,
         "spec_key": spec.key(),
