@@ -18,7 +18,12 @@ from accelerate.utils import DistributedType
 from distillkit.plan_arch import CONFIGS, build_meta
 
 PRESETS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
-FSDP = {"fsdp_sdxl.yaml": "sdxl_base/unet", "fsdp_sana.yaml": "sana_1600m_1024/transformer"}
+FSDP = {
+    "fsdp_sdxl.yaml": "sdxl_base/unet",
+    "fsdp_sana.yaml": "sana_1600m_1024/transformer",
+    "fsdp_sd3.yaml": "sd35_large/transformer",
+    "fsdp_flux.yaml": "flux1_dev/transformer",
+}
 DEEPSPEED = {"deepspeed_zero2.yaml": 2, "deepspeed_zero3.yaml": 3}
 
 

@@ -42,6 +42,10 @@ def test_quick_teacher_trains_saves_and_loads(family: str, tmp_path, monkeypatch
     assert not list(out.parent.glob("*.tmp*")), "the temp dir is renamed, not left behind"
     report = json.loads((out / T.REPORT_FILE).read_text())
     assert report["loss_final"] < 0.8 * report["loss_first"], report
+    if family == "flux":  # the guidance input learns u + g (c - u), as FLUX.1-dev's did
+        assert report["guidance_loss_final"] < 0.8 * report["guidance_loss_first"], report
+    else:
+        assert "guidance_loss_final" not in report
 
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe).__name__ == CLASS_NAMES[family]
