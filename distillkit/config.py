@@ -44,6 +44,13 @@ class TeacherConfig(Strict):
     family: Family | None = None
     resolution: int | None = Field(None, ge=8, le=4096)
     default_guidance: float | None = Field(None, ge=0)
+    max_sequence_length: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="text tokens per prompt (SANA, SD3, FLUX pipelines: their call argument of "
+        "this name); the run encodes at this length and the export and its card ship it",
+    )
     guidance: Literal["auto", "cfg", "embedded"] = Field(
         "auto",
         description="how recipes' guidance scales reach the teacher: cfg (two passes with the "

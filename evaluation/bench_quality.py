@@ -30,7 +30,7 @@ from distillkit.benchmark.provenance import git_commit, machine
 # training subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("sd15", "sdxl", "sana")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
 TEACHER_STEPS = (1, 2, 4, 25)
 REF_STEPS = 25
 SWEEP = (1.0, 2.0, 4.0, 7.5)

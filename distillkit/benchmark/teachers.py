@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from distillkit.benchmark.text_pretrain import pretrain_text
 from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
 from distillkit.errors import ConfigError
+from distillkit.export.pipeline import EXPORT_META, PROMPT_CALL_KWARGS
 from distillkit.registry import get_family, register_source
 from distillkit.teachers.base import Conditioning, TeacherAdapter
-from distillkit.teachers.load import cache_root
+from distillkit.teachers.load import cache_root, checked_text_length
 from distillkit.teachers.tiny import TinySpec, build_tiny_pipeline
 
 SPEC_VERSION = 1  # bump when the training code changes what a spec produces
@@ -65,6 +66,10 @@ class TeacherSpec:
     guidance_steps: int = 0
     guidance_range: tuple[float, float] = (1.0, 4.0)
     seed: int = 0
+    # T5 tokens per prompt (teacher.max_sequence_length): digits prompts are under 10, and
+    # SD3's 256 / FLUX's 512 padding tokens were ~95 % of an MMDiT's tokens on the CPU. Kept
+    # out of the repr, and so out of the cache key, where unset (the older teachers' keys)
+    max_sequence_length: int | None = field(default=None, repr=False)
 
     @property
     def family(self) -> str:
@@ -78,7 +83,10 @@ class TeacherSpec:
         )  # fmt: skip
 
     def key(self) -> str:
-        return hashlib.sha256(f"v{SPEC_VERSION}-{self!r}".encode()).hexdigest()[:12]
+        text = f"v{SPEC_VERSION}-{self!r}"
+        if self.max_sequence_length is not None:
+            text += f"-max_sequence_length={self.max_sequence_length}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 # 8x8x4 latents (VAE downsampling 4): the digits are 8x8 scans, so nothing is lost, and the
@@ -94,17 +102,18 @@ SPECS: dict[str, TeacherSpec] = {
         # SANA prepends a ~900-token instruction to every prompt: pretraining steps cost ~4 s
         text_steps=12, text_lr=1e-2, text_templates=2, flow_shift=1.0,
     ),
-    # MMDiTs: 2x2 patches of the 8x8x4 latents (16 image tokens) beside 333 (SD3) / 512 (FLUX)
-    # text tokens; FLUX keeps its resolution-dependent shift (exp(mu) = 1.58 at 16 tokens)
+    # MMDiTs: 2x2 patches of the 8x8x4 latents (16 image tokens) beside 77 + 16 (SD3: CLIP and
+    # T5) / 16 (FLUX: T5) text tokens; FLUX keeps its resolution-dependent shift (exp(mu) = 1.58
+    # at 16 tokens)
     "sd3": TeacherSpec(
         TinySpec("sd3", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
                  dit_layers=4),
-        flow_shift=1.0,
+        flow_shift=1.0, max_sequence_length=16,
     ),
     "flux": TeacherSpec(
         TinySpec("flux", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
                  dit_layers=2),
-        guidance_steps=500,
+        guidance_steps=500, max_sequence_length=16,
     ),
 }  # fmt: skip
 
@@ -280,6 +289,7 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
         report["vae_recon_mse"] = vae_recon_error(pipe.vae, split.heldout_images)
         report["vae_seconds"] = round(time.perf_counter() - start, 1)
         adapter = get_family(family)(pipe, RESOLUTION, torch.device("cpu"))
+        adapter.max_sequence_length = checked_text_length(pipe, spec.max_sequence_length)
         report |= pretrain_text(
             adapter, spec.text_steps, spec.text_lr, spec.text_templates, spec.seed
         )
@@ -295,6 +305,10 @@ def train_digits_teacher(family: str, out_dir: Path, *, quick: bool = False) -> 
     }
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (Path(out_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    # how to call it, as an export says: the resolution (FluxPipeline's own default is 1024 px)
+    # and what every call repeats (the text length it was trained at)
+    meta = {"resolution": RESOLUTION, PROMPT_CALL_KWARGS: adapter.prompt_call_kwargs()}
+    (Path(out_dir) / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
     _log(f"saved {family} teacher to {out_dir}: {report}")
     return report
 

@@ -40,9 +40,13 @@ class TeacherKey:
     revision: str | None
     family: str
     resolution: int
+    max_sequence_length: int | None = None  # the card's text length changes every embedding
 
     def digest(self) -> str:
-        text = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["max_sequence_length"] is None:  # unset: the digest caches already carry
+            del fields["max_sequence_length"]
+        text = json.dumps({"v": CACHE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
@@ -53,9 +57,15 @@ class TeacherKey:
         if smoke:
             assert cfg.family is not None
             tiny = tiny_teacher_dir(cfg.family, SMOKE_RESOLUTION).name
-            return cls(f"tiny:{tiny}", None, cfg.family, SMOKE_RESOLUTION)
+            return cls(f"tiny:{tiny}", None, cfg.family, SMOKE_RESOLUTION, cfg.max_sequence_length)
         cfg.require()
-        return cls(str(cfg.model_id), cfg.revision, str(cfg.family), int(cfg.resolution or 0))
+        return cls(
+            str(cfg.model_id),
+            cfg.revision,
+            str(cfg.family),
+            int(cfg.resolution or 0),
+            cfg.max_sequence_length,
+        )
 
 
 def data_hash(data: TrainData) -> str:

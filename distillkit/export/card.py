@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from distillkit.config import RunConfig
-from distillkit.export.pipeline import EXPORT_META
+from distillkit.export.pipeline import EXPORT_META, PROMPT_CALL_KWARGS
 from distillkit.registry import get_family
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -363,8 +363,11 @@ def export_resolution(pipeline_dir: Path | str) -> int | None:
 
 def export_sampling_kwargs(pipeline_dir: Path | str, steps: int) -> dict:
     """Call arguments beyond steps and guidance that make an export sample its training grid at
-    ``steps`` (SANA's few-step ``sigmas``), from its distillkit.json; {} where it stores none."""
+    ``steps`` (SANA's few-step ``sigmas``), from its distillkit.json, with the arguments every
+    call repeats (a card's ``max_sequence_length``); {} where it stores none."""
     meta = Path(pipeline_dir) / EXPORT_META
     if not meta.is_file():
         return {}
-    return shipped_extras(json.loads(meta.read_text()).get("calls", {}).get(str(steps), {}))
+    data = json.loads(meta.read_text())
+    shipped = shipped_extras(data.get("calls", {}).get(str(steps), {}))
+    return {**data.get(PROMPT_CALL_KWARGS, {}), **shipped}

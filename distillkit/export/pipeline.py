@@ -26,6 +26,9 @@ from distillkit.teachers.loras import TeacherLoras, layer_factors, lora_file_sta
 VERIFY_PROMPT = "a handwritten digit seven"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EXPORT_META = "distillkit.json"  # machine-readable call settings next to the model card
+# its entry for the arguments every call repeats, at any step count (max_sequence_length); a
+# digits teacher's folder has a distillkit.json with its resolution and this entry
+PROMPT_CALL_KWARGS = "prompt_call_kwargs"
 
 
 @dataclass
@@ -79,7 +82,11 @@ def pipeline_one_step(
 def call_arguments(teacher: TeacherAdapter, steps: int) -> dict:
     """The sampling arguments of a ``steps``-step call: what distillkit.json and the model card
     give users, and what makes plain diffusers sample the grid the student was trained on."""
-    return {"num_inference_steps": steps, **teacher.sampling_call_kwargs(steps)}
+    return {
+        "num_inference_steps": steps,
+        **teacher.sampling_call_kwargs(steps),
+        **teacher.prompt_call_kwargs(),
+    }
 
 
 class OutputCheck:
@@ -214,7 +221,12 @@ def export_student(
         calls = {
             str(k): {**call_arguments(teacher, k), "guidance_scale": guidance} for k in shipped
         }
-        meta = {**calls[str(steps)], "calls": calls, **(metadata or {})}
+        meta = {
+            **calls[str(steps)],
+            "calls": calls,
+            PROMPT_CALL_KWARGS: teacher.prompt_call_kwargs(),
+            **(metadata or {}),
+        }
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
         if verify:
             reloaded = DiffusionPipeline.from_pretrained(tmp, torch_dtype=teacher.dtype)

@@ -11,6 +11,7 @@ once here on top of those.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -124,6 +125,7 @@ class TeacherAdapter:
         self.grid_steps: int | None = None  # see use_sampling_grid
         self.loras: TeacherLoras | None = None  # teacher.loras, fused in (teachers/loras.py)
         self.default_guidance: float | None = None  # teacher.default_guidance (the card's)
+        self.max_sequence_length: int | None = None  # teacher.max_sequence_length (the card's)
         self.schedule: Schedule = self.build_schedule(dict(pipe.scheduler.config))
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -215,6 +217,23 @@ class TeacherAdapter:
     def pipeline_call_kwargs(self) -> dict:
         """Extra arguments the family's pipeline needs to reproduce training-time sampling."""
         return {}
+
+    def call_default(self, name: str) -> Any:
+        """A default of the family pipeline's ``__call__`` (e.g. SANA's complex instruction)."""
+        return inspect.signature(type(self.pipe).__call__).parameters[name].default
+
+    def text_length(self) -> int:
+        """Tokens per prompt for the pipelines that take ``max_sequence_length``: the card's,
+        else the pipeline's own default (SD3 256, FLUX 512, SANA 300)."""
+        return self.max_sequence_length or int(self.call_default("max_sequence_length"))
+
+    def prompt_call_kwargs(self) -> dict:
+        """Pipeline-call arguments that decide how prompts are encoded: a card's
+        ``max_sequence_length``, which every call must repeat to see the prompts training saw
+        (FLUX has no text mask, so padding tokens change its output)."""
+        if self.max_sequence_length is None:
+            return {}
+        return {"max_sequence_length": self.max_sequence_length}
 
     def sampling_call_kwargs(self, steps: int) -> dict:
         """Pipeline-call arguments beyond ``num_inference_steps`` that make the exported pipeline

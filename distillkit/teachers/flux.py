@@ -12,7 +12,6 @@ free guidance with the empty prompt on top of that fixed input, as FluxPipeline'
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -88,7 +87,7 @@ class FluxAdapter(FlowAdapterMixin, TeacherAdapter):
 
     # ------------------------------------------------------------------ text and network
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
-        length = self._call_default("max_sequence_length")
+        length = self.text_length()
 
         def encode(texts: list[str]) -> dict:
             embeds, pooled, _ = self.pipe.encode_prompt(
@@ -178,9 +177,6 @@ class FluxAdapter(FlowAdapterMixin, TeacherAdapter):
     def latents_from_pipeline(self, latents: Tensor) -> Tensor:
         size = self.resolution // self.pipe.vae_scale_factor
         return self._unpack(latents, size, size)
-
-    def _call_default(self, name: str):
-        return inspect.signature(type(self.pipe).__call__).parameters[name].default
 
     # ------------------------------------------------------------------ features
     def _width(self, net: nn.Module) -> int:

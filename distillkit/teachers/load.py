@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,20 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def cache_root() -> Path:
     root = os.environ.get("DISTILLKIT_CACHE") or Path.home() / ".cache" / "distillkit"
     return Path(root)
+
+
+def checked_text_length(pipe: DiffusionPipeline, length: int | None) -> int | None:
+    """teacher.max_sequence_length, refused where the pipeline has no such call argument."""
+    if length is not None and "max_sequence_length" not in pipe_call_parameters(pipe):
+        raise ConfigError(
+            f"teacher.max_sequence_length={length}: {type(pipe).__name__} takes no "
+            "max_sequence_length (its CLIP text encoders read a fixed 77 tokens); remove it"
+        )
+    return length
+
+
+def pipe_call_parameters(pipe: DiffusionPipeline) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def resolve_dtype(name: str, device: torch.device, smoke: bool = False) -> torch.dtype:
@@ -115,5 +130,6 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, smoke: bool = False) 
         raise ConfigError(str(err)) from None
     adapter.loras = loras
     adapter.default_guidance = cfg.default_guidance
+    adapter.max_sequence_length = checked_text_length(pipe, cfg.max_sequence_length)
     adapter.use_guidance(cfg.guidance)
     return adapter

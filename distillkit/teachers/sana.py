@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from torch import Tensor, nn
 
 from distillkit.registry import register_family
@@ -15,18 +13,14 @@ from distillkit.teachers.flow import FlowAdapterMixin, tokens_to_map
 class SanaAdapter(FlowAdapterMixin, TeacherAdapter):
     pipeline_class = "SanaPipeline"
 
-    def _call_default(self, name: str):
-        """Defaults of SanaPipeline.__call__ (e.g. its long complex-human instruction)."""
-        return inspect.signature(type(self.pipe).__call__).parameters[name].default
-
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
         embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=True,
             negative_prompt="",
             device=self.text_device,
-            max_sequence_length=self._call_default("max_sequence_length"),
-            complex_human_instruction=self._call_default("complex_human_instruction"),
+            max_sequence_length=self.text_length(),
+            complex_human_instruction=self.call_default("complex_human_instruction"),
         )
         cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
         uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}

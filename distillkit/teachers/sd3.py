@@ -3,7 +3,6 @@ shift, two CLIP encoders (pooled projections) and T5, all through the pipeline's
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,7 +17,6 @@ class SD3Adapter(FlowAdapterMixin, TeacherAdapter):
     pipeline_class = "StableDiffusion3Pipeline"
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
-        default_length = inspect.signature(type(self.pipe).__call__).parameters
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -27,7 +25,7 @@ class SD3Adapter(FlowAdapterMixin, TeacherAdapter):
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=[""] * len(prompts),
-            max_sequence_length=default_length["max_sequence_length"].default,
+            max_sequence_length=self.text_length(),
         )
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled}

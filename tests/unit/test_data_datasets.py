@@ -178,3 +178,5 @@ def test_cache_is_reused_and_equals_fresh_encodings(tiny_adapter, tmp_path: Path
     changed = TrainData(["a fox"], images, data.captions)
     other = TeacherKey("x", "abc", "sdxl", 32)
     assert load_cache(tmp_path, key, changed) is None and load_cache(tmp_path, other, data) is None
+    shorter = TeacherKey(key.model_id, key.revision, key.family, key.resolution, 16)
+    assert shorter.digest() != key.digest() and load_cache(tmp_path, shorter, data) is None

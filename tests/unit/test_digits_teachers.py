@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -14,6 +16,7 @@ from distillkit.benchmark.text_pretrain import supervised_contrastive
 from distillkit.config import TeacherConfig
 from distillkit.data.digits import load_digits_split
 from distillkit.errors import ConfigError
+from distillkit.export.card import export_resolution, export_sampling_kwargs
 from distillkit.teachers.load import load_teacher
 
 CLASS_NAMES = {
@@ -49,6 +52,9 @@ def test_quick_teacher_trains_saves_and_loads(family: str, tmp_path, monkeypatch
 
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe).__name__ == CLASS_NAMES[family]
+    length = T.get_spec(family).max_sequence_length  # evaluation reads it from distillkit.json
+    assert export_sampling_kwargs(out, 25) == ({"max_sequence_length": length} if length else {})
+    assert export_resolution(out) == 32  # FluxPipeline's own default would be 512 px here
     heldout = load_digits_split().heldout_images[:64]
     untrained = T.build_untrained(T.get_spec(family, quick=True)).vae
     assert T.vae_recon_error(pipe.vae, heldout) < 0.5 * T.vae_recon_error(untrained, heldout)
@@ -97,3 +103,12 @@ def test_supervised_contrastive_prefers_label_clusters() -> None:
     clustered = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, 0.1]])
     mixed = clustered[[0, 2, 1, 3]]
     assert supervised_contrastive(clustered, labels) < supervised_contrastive(mixed, labels)
+
+
+@pytest.mark.parametrize("family", sorted(T.SPECS))
+def test_each_digits_card_encodes_prompts_as_its_teacher_was_trained(family: str) -> None:
+    """A card's max_sequence_length is its spec's: students encode what the teacher learnt."""
+    cards = Path(__file__).resolve().parents[2] / "teachers" / "digits"
+    card = yaml.safe_load((cards / f"{family}.yaml").read_text())
+    assert card["model_id"] == f"digits:{family}" and card["family"] == family
+    assert card.get("max_sequence_length") == T.get_spec(family).max_sequence_length

@@ -3,6 +3,7 @@ packing), checked against the families' own pipelines and against known answers.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -175,3 +176,69 @@ def test_flux_packs_latents_and_rounds_the_timestep_like_its_pipeline(tiny_adapt
     assert seen["x"].shape == packed.shape
     assert seen["img_ids"][:, 0].abs().max() == 0 and seen["img_ids"][-1].tolist() == [0, 1, 1]
     assert out.shape == noise.shape
+
+
+# ----------------------------------------------------------------------------- text length
+
+
+def test_a_card_text_length_reaches_training_the_export_its_card_and_evaluation(tmp_path):
+    """teacher.max_sequence_length=16: the run encodes 16 T5 tokens, not FLUX's 512; the export
+    passes its reload check only if the pipeline is called with them too (FLUX has no text mask,
+    so the padding tokens change its output), and distillkit.json, the card's snippet and
+    evaluation all carry the length."""
+    from diffusers import DiffusionPipeline
+
+    from distillkit.config import TeacherConfig
+    from distillkit.evaluation.generate import generate_images
+    from distillkit.export import export_student
+    from distillkit.export.card import CardInfo, export_sampling_kwargs, render_model_card
+    from distillkit.students import trainable_copy
+    from distillkit.teachers.load import load_teacher
+
+    cfg = TeacherConfig(
+        model_id="tiny", family="flux", resolution=32, dtype="fp32", max_sequence_length=16
+    )
+    adapter = load_teacher(cfg, torch.device("cpu"), smoke=True)
+    prompt = "a handwritten digit two"
+    cond = adapter.encode([prompt])
+    assert cond.cond["encoder_hidden_states"].shape[1] == 16
+    assert cond.uncond["encoder_hidden_states"].shape[1] == 16
+    ref = adapter.pipe.encode_prompt(prompt, None, max_sequence_length=16)[0]
+    torch.testing.assert_close(cond.cond["encoder_hidden_states"], ref)
+
+    export_student(adapter, trainable_copy(adapter.denoiser, "full"), tmp_path, steps=2)
+    pipeline_dir = tmp_path / "pipeline"
+    meta = json.loads((pipeline_dir / "distillkit.json").read_text())
+    assert meta["calls"]["1"]["max_sequence_length"] == 16
+    assert meta["calls"]["2"]["max_sequence_length"] == 16
+    assert export_sampling_kwargs(pipeline_dir, 4) == {"max_sequence_length": 16}  # not shipped
+    info = CardInfo(
+        teacher_id="tiny", teacher_revision=None, family="flux", pipeline_class="FluxPipeline",
+        recipe="dmd2", student="full", num_inference_steps=1, guidance_scale=3.5,
+        scheduler="FlowMatchEulerDiscreteScheduler", calls=meta["calls"],
+    )  # fmt: skip
+    assert "max_sequence_length=16" in render_model_card(info)
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    lengths, real = [], pipe.encode_prompt
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs.get("max_sequence_length"))
+        return real(*args, **kwargs)
+
+    pipe.encode_prompt = spy
+    ours = generate_images(pipe, [prompt], steps=1, guidance=3.5, seed=0)
+    assert lengths == [16]
+    default = generate_images(pipe, [prompt], steps=1, guidance=3.5, seed=0, sampling={})
+    assert lengths[-1] == 512
+    assert not torch.allclose(torch.as_tensor(ours), torch.as_tensor(default))
+
+
+def test_a_text_length_is_refused_where_the_pipeline_takes_none():
+    from distillkit.config import TeacherConfig
+    from distillkit.teachers.load import load_teacher
+
+    cfg = TeacherConfig(model_id="tiny", family="sd15", resolution=32, max_sequence_length=16)
+    with pytest.raises(ConfigError, match=r"teacher.max_sequence_length=16: StableDiffusion"):
+        load_teacher(cfg, torch.device("cpu"), smoke=True)
