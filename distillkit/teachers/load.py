@@ -28,16 +28,13 @@ def cache_root() -> Path:
 
 def checked_text_length(pipe: DiffusionPipeline, length: int | None) -> int | None:
     """teacher.max_sequence_length, refused where the pipeline has no such call argument."""
-    if length is not None and "max_sequence_length" not in pipe_call_parameters(pipe):
+    takes = inspect.signature(type(pipe).__call__).parameters
+    if length is not None and "max_sequence_length" not in takes:
         raise ConfigError(
             f"teacher.max_sequence_length={length}: {type(pipe).__name__} takes no "
             "max_sequence_length (its CLIP text encoders read a fixed 77 tokens); remove it"
         )
     return length
-
-
-def pipe_call_parameters(pipe: DiffusionPipeline) -> set[str]:
-    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def resolve_dtype(name: str, device: torch.device, smoke: bool = False) -> torch.dtype:
