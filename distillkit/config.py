@@ -115,7 +115,7 @@ class StudentConfig(Strict):
         None,
         min_length=2,
         description="one student for several step counts, e.g. [1, 2, 4]: each generator update "
-        "draws one (recipes whose config says takes_step_counts: DMD2, SiD)",
+        "draws one (recipes whose config says takes_step_counts: DMD2, SiD, LCM as MLCM)",
     )
 
     @field_validator("step_counts")
@@ -284,7 +284,7 @@ def _run_config_class() -> type:
             if self.student.step_counts and not getattr(self.recipe, "takes_step_counts", False):
                 raise ValueError(
                     f"student.step_counts: recipe {self.recipe.name!r} trains one step count "
-                    "(DMD2 and SiD train several); remove it"
+                    "(DMD2, SiD and LCM train several); remove it"
                 )
             if self.student.step_counts and getattr(self.recipe, "generator_steps", 1) != 1:
                 raise ValueError(

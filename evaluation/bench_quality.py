@@ -169,6 +169,14 @@ def train_student(config: Path, run_dir: Path, args) -> tuple[Path, float | None
     return pipeline, recorded_train_seconds(run_dir)
 
 
+def shipped_steps(pipeline: Path, card: dict) -> list[int]:
+    """1, the export's default count and every count it ships and checked (distillkit.json's
+    calls: 1, 2 and 4 for a student.step_counts student)."""
+    meta = pipeline / "distillkit.json"
+    calls = json.loads(meta.read_text()).get("calls", {}) if meta.is_file() else {}
+    return sorted({1, int(card.get("num_inference_steps", 1)), *(int(k) for k in calls)})
+
+
 def student_jobs(family: str, args) -> list[dict]:
     """Students to score: <recipe>_<family>.yaml runs, then pipelines given by NAME=DIR."""
     from distillkit.config import load_config
@@ -208,7 +216,7 @@ def score_students(
                 run_dir = args.runs_dir / config.stem
                 job["pipeline"], seconds = train_student(config, run_dir, args)
             card = export_call_defaults(job["pipeline"])
-            steps = job.get("steps") or sorted({1, int(card.get("num_inference_steps", 1))})
+            steps = job.get("steps") or shipped_steps(job["pipeline"], card)
             pipe = load_pipeline(job["pipeline"])
         except Exception as err:  # a failed recipe is reported; the others still run
             print(f"[{family}] {recipe}: FAILED: {err}", flush=True)

@@ -18,13 +18,22 @@ the LCM team): k = 20 on 1000 steps (50 DDIM steps), omega in [3, 15] (their SDX
 SD1.5 full script uses [5, 15]), EMA target decay 0.95, pseudo-Huber c = 0.001.
 Not implemented: the omega-embedding of full LCM (``time_cond_proj_dim``) adds weights to the
 UNet and has no SANA counterpart; like LCM-LoRA the student averages over omega.
+
+``student.step_counts: [1, 2, 4]`` is MLCM's multistep consistency distillation (Xie et al.
+2024, arXiv:2406.05768, after Heek et al. 2024's multistep consistency models): each update
+draws a count k; the export's k sampling points cut the grid into k segments, and the student
+at t is pulled toward the target network's point at the lower edge s of t's segment (both
+carried there by DDIM), not toward t = 0. k = 1 is plain LCM. The distance is taken in x0
+(the clean estimate whose DDIM from x_t lands on the target's edge point, as Heek et al. do),
+so pseudo-Huber's c and the loss scale stay those of LCM. The export samples as LCMScheduler
+does (x0, then fresh noise to the next point), as MLCM's released inference does.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +55,7 @@ if TYPE_CHECKING:
 
 class LCMConfig(Strict):
     name: Literal["lcm"] = "lcm"
+    takes_step_counts: ClassVar[bool] = True  # student.step_counts: MLCM's segments
     latents: Literal["dataset", "teacher"] = Field(
         "dataset", description="x0 from data.images (LCM trains on LAION) or teacher samples"
     )
@@ -57,7 +67,13 @@ class LCMConfig(Strict):
     )
     loss: Literal["huber", "l2"] = "huber"
     huber_c: float = Field(0.001, gt=0, description="pseudo-Huber c (diffusers LCM scripts)")
-    inference_steps: int = Field(4, ge=1, le=8, description="steps the export is called with")
+    inference_steps: int = Field(
+        4,
+        ge=1,
+        le=8,
+        description="steps the export is called with (with student.step_counts: if one of "
+        "them, else their largest)",
+    )
     teacher_steps: int = Field(25, ge=1, le=1000, description="latents=teacher: solver steps")
     teacher_guidance: float | None = Field(
         None, ge=0, description="latents=teacher: CFG scale (default: teacher.default_guidance)"
@@ -77,6 +93,62 @@ def solver_step(schedule, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor) -
     x0 = schedule.to_x0(out, x_t, t)
     eps = schedule.to_eps(out, x_t, t)
     return schedule.add_noise(x0, eps, t_prev)
+
+
+def _coefficients(schedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (-1, *([1] * (like.ndim - 1)))
+    alpha, sigma = schedule.alpha_sigma(t)
+    return alpha.to(like).reshape(shape), sigma.to(like).reshape(shape)
+
+
+def to_boundary(schedule, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """Carry x_t at t to the segment edge s < t along DDIM with the clean estimate x0 (Heek et
+    al. 2024's multistep consistency map): alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t.
+    s = 0 is the clean end: x0 itself (a VP schedule's alpha at t = 0 is not exactly 1)."""
+    alpha_t, sigma_t = _coefficients(schedule, t, x_t)
+    alpha_s, sigma_s = _coefficients(schedule, s, x_t)
+    carried = alpha_s * x0 + sigma_s * (x_t - alpha_t * x0) / sigma_t
+    return torch.where((s == 0).reshape(alpha_s.shape), x0, carried)
+
+
+def from_boundary(schedule, x_s: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """The clean estimate whose :func:`to_boundary` from (x_t, t) lands on x_s: that map is
+    affine in x0 with slope alpha_s - sigma_s alpha_t / sigma_t, positive for s < t."""
+    alpha_t, sigma_t = _coefficients(schedule, t, x_t)
+    alpha_s, sigma_s = _coefficients(schedule, s, x_t)
+    slope = alpha_s - sigma_s * alpha_t / sigma_t
+    x0 = (x_s - sigma_s / sigma_t * x_t) / slope
+    return torch.where((s == 0).reshape(alpha_s.shape), x_s, x0)
+
+
+def segment_target(
+    schedule,
+    target_x0: Tensor,
+    x_end: Tensor,
+    t_end: Tensor,
+    x_start: Tensor,
+    t_start: Tensor,
+    edge: Tensor,
+) -> Tensor:
+    """MLCM's target in x0 form: the target network's estimate at (x_end, t_end) carried to the
+    segment edge (x_end itself where t_end is the edge), then read back as the clean estimate
+    the student at (x_start, t_start) must give to land on it. With edge = 0 everywhere this is
+    ``target_x0``: plain LCM."""
+    at_edge = to_boundary(schedule, target_x0, x_end, t_end, edge)
+    at_edge = torch.where((t_end == edge).reshape(-1, *([1] * (x_end.ndim - 1))), x_end, at_edge)
+    return from_boundary(schedule, at_edge, x_start, t_start, edge)
+
+
+def segment_edges(grid: Tensor, points: Tensor) -> Tensor:
+    """For each interval n of the descending ``grid`` (ending at 0), the grid index of the lower
+    edge of its segment, the segments being cut at ``points`` (a k-step sampling grid, each a
+    grid point, the first the top) and at 0."""
+    index = [int((grid - p).abs().argmin()) for p in points.tolist()]
+    if any(abs(float(grid[i]) - p) > 1e-3 for i, p in zip(index, points.tolist())):
+        raise ValueError(f"sampling points {points.tolist()} are not on the grid {grid.tolist()}")
+    cuts = sorted({*index[1:], len(grid) - 1})
+    intervals = torch.arange(len(grid) - 1)
+    return torch.tensor(cuts)[torch.searchsorted(torch.tensor(cuts), intervals, right=True)]
 
 
 def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
@@ -117,10 +189,11 @@ class LCM(Recipe):
                 "samples its own distillation grid from T-1; remove the setting"
             )
         steps = max(teacher.schedule.num_train_timesteps // cfg.skipping_step, 1)
-        if cfg.inference_steps > steps:
+        if max(self.step_counts) > steps:
             raise ConfigError(
-                f"recipe.inference_steps={cfg.inference_steps} exceeds the {steps}-point "
-                f"distillation grid of recipe.skipping_step={cfg.skipping_step}; lower one"
+                f"recipe.inference_steps / student.step_counts: {max(self.step_counts)} steps "
+                f"exceed the {steps}-point distillation grid of recipe.skipping_step="
+                f"{cfg.skipping_step}; lower one"
             )
         # LCM-LoRA with student.shared_base: the student is an adapter on the teacher's own
         # denoiser (the teacher is that base with adapters off), one copy of the base weights,
@@ -141,6 +214,19 @@ class LCM(Recipe):
         # the export samples k of these points, as the student learnt them (diffusers' LCM
         # scripts: original_inference_steps = num_ddim_timesteps)
         teacher.use_sampling_grid(steps)
+        # MLCM: per step count, each interval's segment edge (k = 1: t = 0 for every interval)
+        try:
+            self.edges = {
+                k: segment_edges(self.grid, teacher.generator_timesteps(k)).to(self.grid.device)
+                for k in self.step_counts
+            }
+        except ValueError as err:
+            raise ConfigError(
+                f"student.step_counts: the {teacher.family} export's sampling points are not on "
+                f"the distillation grid of recipe.skipping_step={cfg.skipping_step} ({err}); "
+                "a k-step student could not land on its segment edges; remove student.step_counts "
+                "and report this with the teacher's scheduler config"
+            ) from err
 
     @classmethod
     def footprint(cls, run_cfg: RunConfig) -> list[RoleFootprint]:
@@ -155,7 +241,14 @@ class LCM(Recipe):
 
     @property
     def export_steps(self) -> int:
+        counts = self.run_cfg.student.step_counts
+        if counts and self.cfg.inference_steps not in counts:
+            return max(counts)
         return self.cfg.inference_steps
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(self.run_cfg.student.step_counts or [self.export_steps])
 
     def state_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target} if self.target is not None else {}
@@ -195,6 +288,7 @@ class LCM(Recipe):
             cond = teacher.encode(batch.prompts)
             x0 = self._teacher_latents(cond, batch)
         n, device = x0.shape[0], x0.device
+        k = self.generator_step_count(batch)  # draws only when several counts are trained
         index = batch.randint(len(self.grid) - 1, n).to(device)
         t_start, t_end = self.grid[index], self.grid[index + 1]
         x_start = teacher.add_noise(x0, batch.randn(x0.shape, device), t_start)
@@ -207,5 +301,8 @@ class LCM(Recipe):
             x_end = solver_step(teacher, out, x_start, t_start, t_end)
             target_net = self.target if self.target is not None else student
             target = teacher.consistency(target_net, x_end, t_end, cond)
+            if len(self.step_counts) > 1:
+                edge = self.grid[self.edges[k][index]]
+                target = segment_target(teacher, target, x_end, t_end, x_start, t_start, edge)
         loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
         return loss, {"consistency": loss.detach(), "omega": omega.mean()}

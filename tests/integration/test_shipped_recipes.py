@@ -158,10 +158,12 @@ def test_shipped_recipe_runs_as_on_a_gpu(smoke, name):
         assert _rel_rms(after, samples[1]) <= cfg.export.relative_tolerance
 
 
-def test_one_student_ships_every_step_count_it_trained(smoke):
-    """student.step_counts on SANA (whose few-step grids travel as sigmas): the export ships
-    and checks 1, 2 and 4 steps, the card says so, and plain diffusers samples each."""
-    out, _ = smoke("dmd2_sana", "student.step_counts=[1,2,4]")
+@pytest.mark.parametrize("name", ["dmd2_sana", "lcm_lora_sd15"])
+def test_one_student_ships_every_step_count_it_trained(smoke, name):
+    """student.step_counts on SANA (whose few-step grids travel as sigmas) with DMD2 and on
+    SD1.5 with LCM-LoRA (MLCM's segments): the export ships and checks 1, 2 and 4 steps, the
+    card says so, and plain diffusers samples each."""
+    out, _ = smoke(name, "student.step_counts=[1,2,4]")
     call = json.loads((out / "pipeline" / "distillkit.json").read_text())
     assert call["num_inference_steps"] == 4 and sorted(call["calls"]) == ["1", "2", "4"]
     assert json.loads((out / "export.json").read_text())["shipped_steps"] == [1, 2, 4]

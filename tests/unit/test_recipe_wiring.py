@@ -214,8 +214,8 @@ def test_one_student_for_several_step_counts(sd15, monkeypatch, name):
 def test_step_counts_are_refused_where_a_recipe_trains_one():
     from distillkit.config import load_config
 
-    base = REPO / "recipes" / "lcm_sd15.yaml"
-    with pytest.raises(ConfigError, match="recipe 'lcm' trains one step count"):
+    base = REPO / "recipes" / "swiftbrush_sd15.yaml"
+    with pytest.raises(ConfigError, match="recipe 'swiftbrush' trains one step count"):
         load_config(base, ["student.step_counts=[1,4]"])
     with pytest.raises(ConfigError, match="both set the step count"):
         load_config(REPO / "recipes" / "dmd2_sd15.yaml",
