@@ -26,7 +26,8 @@ at t is pulled toward the target network's point at the lower edge s of t's segm
 carried there by DDIM), not toward t = 0. k = 1 is plain LCM. The distance is taken in x0
 (the clean estimate whose DDIM from x_t lands on the target's edge point, as Heek et al. do),
 so pseudo-Huber's c and the loss scale stay those of LCM. The export samples as LCMScheduler
-does (x0, then fresh noise to the next point), as MLCM's released inference does.
+does (x0, then fresh noise to the next point), as MLCM's released inference does. Measured
+on digits: more accurate and less diverse than plain LCM at every count (README).
 """
 
 from __future__ import annotations
