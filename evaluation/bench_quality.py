@@ -172,7 +172,9 @@ def train_student(config: Path, run_dir: Path, args) -> tuple[Path, float | None
 def shipped_steps(pipeline: Path, card: dict) -> list[int]:
     """1, the export's default count and every count it ships and checked (distillkit.json's
     calls: 1, 2 and 4 for a student.step_counts student)."""
-    meta = pipeline / "distillkit.json"
+    from distillkit.export.pipeline import EXPORT_META
+
+    meta = pipeline / EXPORT_META
     calls = json.loads(meta.read_text()).get("calls", {}) if meta.is_file() else {}
     return sorted({1, int(card.get("num_inference_steps", 1)), *(int(k) for k in calls)})
 

@@ -215,12 +215,12 @@ class LCM(Recipe):
         # the export samples k of these points, as the student learnt them (diffusers' LCM
         # scripts: original_inference_steps = num_ddim_timesteps)
         teacher.use_sampling_grid(steps)
-        # MLCM: per step count, each interval's segment edge (k = 1: t = 0 for every interval)
+        # MLCM (student.step_counts only): per count, each interval's segment edge (k = 1: t = 0)
+        self.edges: dict[int, Tensor] = {}
         try:
-            self.edges = {
-                k: segment_edges(self.grid, teacher.generator_timesteps(k)).to(self.grid.device)
-                for k in self.step_counts
-            }
+            for k in student.step_counts or ():
+                points = teacher.generator_timesteps(k)
+                self.edges[k] = segment_edges(self.grid, points).to(self.grid.device)
         except ValueError as err:
             raise ConfigError(
                 f"student.step_counts: the {teacher.family} export's sampling points are not on "
@@ -302,7 +302,7 @@ class LCM(Recipe):
             x_end = solver_step(teacher, out, x_start, t_start, t_end)
             target_net = self.target if self.target is not None else student
             target = teacher.consistency(target_net, x_end, t_end, cond)
-            if len(self.step_counts) > 1:
+            if self.edges:
                 edge = self.grid[self.edges[k][index]]
                 target = segment_target(teacher, target, x_end, t_end, x_start, t_start, edge)
         loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
