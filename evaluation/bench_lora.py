@@ -82,7 +82,8 @@ def card_guidance(family: str) -> float:
 
 
 def pick(scores: dict) -> dict:
-    return {k: scores[k] for k in KEEP} | {"guidance": scores["protocol"]["guidance"]}
+    out = {k: scores[k] for k in (*KEEP, "pixel") if k in scores}
+    return out | {"guidance": scores["protocol"]["guidance"]}
 
 
 def with_style(pipe, lora_dir: Path, name: str, weight: float = 1.0) -> None:
@@ -112,14 +113,22 @@ def run_student(config: Path, run_dir: Path, overrides: list[str], reuse: bool) 
     return run_dir
 
 
-def verdict(row: dict, ref: dict, goal: dict) -> tuple[bool, list[str]]:
+def judge_misses(row: dict, ref: dict, goal: dict, prefix: str = "") -> list[str]:
+    """Accuracy gap and FD ratio in one judge's scores."""
     misses = []
     if row["accuracy"] < ref["accuracy"] - goal["accuracy_gap"]:
-        misses.append(
-            f"accuracy {row['accuracy']:.3f} < {ref['accuracy'] - goal['accuracy_gap']:.3f}"
-        )
+        limit = ref["accuracy"] - goal["accuracy_gap"]
+        misses.append(f"{prefix}accuracy {row['accuracy']:.3f} < {limit:.3f}")
     if "fd_ratio" in goal and row["fd"] > goal["fd_ratio"] * ref["fd"]:
-        misses.append(f"fd {row['fd']:.1f} > {goal['fd_ratio'] * ref['fd']:.1f}")
+        misses.append(f"{prefix}fd {row['fd']:.3g} > {goal['fd_ratio'] * ref['fd']:.3g}")
+    return misses
+
+
+def verdict(row: dict, ref: dict, goal: dict) -> tuple[bool, list[str]]:
+    """The goal under the CNN judge, the pixel judge (where scored) and the style statistic."""
+    misses = judge_misses(row, ref, goal)
+    if "pixel" in row and "pixel" in ref:
+        misses += judge_misses(row["pixel"], ref["pixel"], goal, prefix="px ")
     rel = abs(row["style_statistic"] - ref["style_statistic"]) / abs(ref["style_statistic"])
     row["style_rel_diff"] = rel
     if rel > goal["style_rel"]:
@@ -132,8 +141,10 @@ def score_family(family: str, args, judge, split) -> dict:
     from distillkit.benchmark.teachers import digits_teacher_dir
     from distillkit.evaluation.digits_eval import evaluate_pipeline
     from distillkit.evaluation.generate import load_pipeline
+    from distillkit.evaluation.pixel_judge import train_pixel_judge
 
     common = dict(judge=judge, split=split, per_class=args.per_class, seed=args.seed)
+    common["pixel_judge"] = train_pixel_judge(split)
     guidance = card_guidance(family)
     teacher = Path(digits_teacher_dir(family, quick=args.quick))
     a, b = args.style_a, args.style_b

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from distillkit.data.digits import DigitsSplit
     from distillkit.evaluation.judge import DigitJudge
+    from distillkit.evaluation.pixel_judge import PixelJudge
 
 JUDGE_SEED = 0
 SPLIT_SEED = 0
@@ -82,14 +83,19 @@ def evaluate_pipeline(
     grid: Path | str | None = None,
     style: str | None = None,
     sampling: dict | None = None,
+    pixel_judge: PixelJudge | None = None,
 ) -> dict[str, Any]:
     """Scores of an already loaded pipeline (the harness reuses one load for many settings).
 
     ``style`` (a digits style): FD against the held-out digits in that style, and its
-    ``style_statistic``; ``sampling``: call arguments instead of those the export stores."""
+    ``style_statistic``; ``sampling``: call arguments instead of those the export stores;
+    ``pixel_judge``: the second, independent judge's scores under ``pixel``."""
+    import torch
+
     from distillkit.data.digits import eval_prompts, restyle
     from distillkit.evaluation.generate import default_resolution, generate_images
     from distillkit.evaluation.metrics import digits_scores, style_statistic
+    from distillkit.evaluation.pixel_judge import pixel_judge_protocol
 
     pairs = eval_prompts(per_class)
     prompts, labels = [p for p, _ in pairs], [label for _, label in pairs]
@@ -107,6 +113,10 @@ def evaluate_pipeline(
     real = split.heldout_images if style is None else restyle(split.heldout_images, style)
     scores: dict[str, Any] = digits_scores(images, labels, judge, real)
     scores["n"] = len(images)
+    if pixel_judge is not None:
+        from distillkit.evaluation.pixel_judge import pixel_scores
+
+        scores["pixel"] = pixel_scores(images, torch.as_tensor(labels), pixel_judge, real)
     if style is not None:
         scores["style_statistic"] = style_statistic(images, style)
     if grid is not None:
@@ -119,6 +129,7 @@ def evaluate_pipeline(
         "pipeline_class": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         **({"style": style} if style else {}),
+        **({"pixel_judge": pixel_judge_protocol()} if pixel_judge is not None else {}),
     }
     return scores
 
@@ -137,6 +148,7 @@ def evaluate_digits(
 ) -> dict[str, Any]:
     """Load an exported pipeline dir and score it: metrics plus a `protocol` dict."""
     from distillkit.evaluation.generate import load_pipeline
+    from distillkit.evaluation.pixel_judge import train_pixel_judge
 
     pipe = load_pipeline(pipeline_dir)
     judge, split = load_judge(judge_cache)
@@ -151,6 +163,7 @@ def evaluate_digits(
         batch_size=batch_size,
         resolution=resolution,
         grid=grid,
+        pixel_judge=train_pixel_judge(split),
     )
     scores["protocol"]["pipeline_dir"] = str(pipeline_dir)
     return scores
@@ -177,12 +190,17 @@ def combine_grids(panels: list[tuple[str, Path]], path: Path | str, gap: int = 6
 
 
 def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """A short fixed-width table: one line per (name, scores)."""
+    """A short fixed-width table: one line per (name, scores); the pixel judge's accuracy and
+    FD (``px acc`` / ``px fd``) when it scored them."""
+    pixel = any("pixel" in s for _, s in rows)
     header = f"{'':<12} {'accuracy':>9} {'fd':>9} {'diversity':>9} {'precision':>9} {'n':>6}"
-    lines = [header]
+    lines = [header + (f" {'px acc':>9} {'px fd':>9}" if pixel else "")]
     for name, s in rows:
-        lines.append(
+        line = (
             f"{name:<12} {s['accuracy']:>9.3f} {s['fd']:>9.1f} {s['diversity']:>9.3f} "
             f"{s['precision']:>9.3f} {int(s['n']):>6d}"
         )
+        if "pixel" in s:
+            line += f" {s['pixel']['accuracy']:>9.3f} {s['pixel']['fd']:>9.3f}"
+        lines.append(line)
     return "\n".join(lines)

@@ -188,6 +188,9 @@ def test_bench_quality_quick(
     assert fake["train_seconds"] is None and fake["config"] is None
     for key in ("accuracy", "fd", "diversity", "train_seconds", "config", "goal_pass"):
         assert key in fake
+    for row in (fake, results["teachers"]["sdxl"]["25"]):  # both judges score every row
+        assert {"accuracy", "fd", "per_class"} <= set(row["pixel"]) and len(row["per_class"]) == 10
+    assert results["protocol"]["goal_judges"] == ["cnn", "pixel"]
     assert "| fake | sdxl | 1 |" in (out / "digits.md").read_text()
     names = {p.name for p in (out / "grids").iterdir()}
     grids = ["teacher25", "teacher1", "dmd2_student1", "fake_student1", "combined"]
