@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
+
+# torch-fidelity 0.4.0's wheel installs a top-level `tests` package into site-packages; a
+# regular package there beats this folder (a namespace package, no __init__.py) and breaks
+# `from tests.helpers import ...`. Bind `tests` to this folder before any test module imports.
+if str(REPO / "tests") not in list(getattr(sys.modules.get("tests"), "__path__", [])):
+    _tests = types.ModuleType("tests")
+    _tests.__path__ = [str(REPO / "tests")]
+    sys.modules["tests"] = _tests
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 from distillkit.cli import positive_int
 from distillkit.errors import ConfigError
 
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # fid.WEIGHTS_FILE (no torch import)
+
 
 def call_settings(args: argparse.Namespace) -> tuple[int, float]:
     """--steps / --guidance, else what the export's distillkit.json says it is called with."""
@@ -36,6 +38,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.pipeline_dir} {what}: give a diffusers pipeline directory "
             "(e.g. runs/NAME/pipeline, or a teacher from `distillkit teach digits`)"
+        )
+    if getattr(args, "protocol", None) and getattr(args, "prompts", None) is None:
+        raise ConfigError(
+            f"--protocol {args.protocol} needs --prompts CAPTIONS: e.g. COCO-2014 val's "
+            "captions_val2014.json or a .txt/.jsonl/.csv of captions (distillkit ships none)"
         )
     if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
         if args.benchmark is not None:
@@ -70,23 +77,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prompt_eval(args: argparse.Namespace) -> int:
-    from distillkit.data.sources import read_prompts
-    from distillkit.evaluation.prompt_eval import evaluate_prompts, parse_metrics
+def _teacher_run(args: argparse.Namespace) -> list:
+    """--teacher DIR: the same call on the teacher at its own steps / guidance."""
+    from distillkit.evaluation.prompt_eval import Run
 
-    metrics = parse_metrics(args.metrics)
-    try:
-        prompts = read_prompts(Path(args.prompts), args.prompt_column)
-    except ConfigError as err:  # its messages name the run config's fields; here: our flags
-        text = str(err).replace("data.prompt_column", "--prompt-column")
-        raise ConfigError(text.replace("data.prompts", "--prompts")) from None
+    if args.teacher is None:
+        return []
+    if not (Path(args.teacher) / "model_index.json").is_file():
+        raise ConfigError(f"--teacher: {args.teacher} is not a diffusers pipeline directory")
+    if args.teacher_steps is None or args.teacher_guidance is None:
+        raise ConfigError("--teacher needs --teacher-steps and --teacher-guidance (its own call)")
+    return [Run("teacher", args.teacher, args.teacher_steps, args.teacher_guidance)]
+
+
+def cmd_prompt_eval(args: argparse.Namespace) -> int:
+    from distillkit.evaluation.prompt_eval import evaluate_prompts, parse_metrics
+    from distillkit.evaluation.protocols import (
+        format_runs,
+        get_protocol,
+        prompts_record,
+        read_captions,
+        select_prompts,
+    )
+
+    protocol = get_protocol(args.protocol)
+    metrics = parse_metrics(args.metrics or ",".join(protocol.metrics if protocol else METRICS))
+    column = args.prompt_column or (protocol.prompt_column if protocol else "text")
+    samples = args.samples or (protocol.samples if protocol else None)
+    path = Path(args.prompts)
+    prompts, rule = select_prompts(read_captions(path, column), samples, args.seed)
     steps, guidance = call_settings(args)
-    for flag, value in (
-        ("--images-per-prompt", args.images_per_prompt),
-        ("--batch-size", args.batch_size),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    compare = _teacher_run(args)
+    clip_model = args.clip_model or (protocol.clip_model if protocol else None)
     scores = evaluate_prompts(
         args.pipeline_dir,
         prompts,
@@ -98,12 +120,18 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         fid_weights=args.fid_weights,
         fid_reference=args.fid_reference,
-        clip_model=args.clip_model,
+        clip_model=clip_model,
         clip_weights=args.clip_weights,
         grid=args.grid,
+        compare=compare,
+        label="student" if compare else Path(args.pipeline_dir).name,
+        protocol_name=protocol.name if protocol else None,
+        prompts_info=prompts_record(path, prompts, rule, column),
+        save_reference=args.fid_save_reference,
     )
-    shown = "  ".join(f"{k}={scores[k]:.4g}" for k in ("fid", "clip_score") if k in scores)
-    print(f"{args.pipeline_dir}: {scores['n']} samples, steps={steps}  {shown}")
+    p = scores["protocol"]
+    print(f"{p['samples']} samples at {p['resolution']} px, seed {p['seed']}, prompts {path}")
+    print(format_runs(scores["runs"]))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,17 +140,26 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+METRICS = ("fid", "clip")  # without --protocol
+
+
 def add_prompt_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt-set evaluation (--prompts)")
-    g.add_argument("--prompts", default=None, metavar="FILE", help=".txt / .jsonl / .csv")
-    g.add_argument("--prompt-column", default="text", help="column of a .jsonl / .csv file")
-    g.add_argument("--metrics", default="fid,clip", help="comma-separated: fid, clip")
+    g.add_argument("--prompts", default=None, metavar="FILE", help=".txt/.jsonl/.csv/COCO .json")
+    g.add_argument("--protocol", default=None, choices=["coco"], help="recorded preset: coco")
+    g.add_argument("--prompt-column", default=None, help="of .jsonl/.csv (text; coco: caption)")
+    g.add_argument("--samples", type=positive_int, default=None, help="prompts drawn (coco 30000)")
+    g.add_argument("--metrics", default=None, help="fid, clip, prc (default fid,clip; coco all)")
     g.add_argument("--images-per-prompt", type=positive_int, default=1)
     g.add_argument("--batch-size", type=positive_int, default=16)
-    g.add_argument("--fid-weights", default=None, metavar="PATH", help="Inception v3 weights")
+    g.add_argument("--fid-weights", default=None, metavar="PATH", help=WEIGHTS_FILE)
     g.add_argument("--fid-reference", default=None, metavar="DIR_OR_NPZ", help="real images")
-    g.add_argument("--clip-model", default=None, help="open_clip architecture (ViT-L-14)")
+    g.add_argument("--fid-save-reference", default=None, metavar="FILE.npz", help="stats out")
+    g.add_argument("--clip-model", default=None, help="open_clip name (ViT-L-14; coco ViT-g-14)")
     g.add_argument("--clip-weights", default=None, metavar="PATH", help="open_clip weights")
+    g.add_argument("--teacher", default=None, metavar="DIR", help="also score this pipeline")
+    g.add_argument("--teacher-steps", type=positive_int, default=None)
+    g.add_argument("--teacher-guidance", type=float, default=None)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

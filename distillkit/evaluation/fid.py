@@ -1,11 +1,15 @@
-"""FID with the usual Inception protocol, from weights on disk (never downloaded).
+"""FID (and Inception precision / recall) through the field's libraries, weights from disk only.
 
-Why this file: pytorch-fid, torch-fidelity and clean-fid fetch Inception at run time, which
-fails offline and hides which weights produced a number. Here the architecture is pytorch-fid's
-FID Inception v3 (TF-ported pooling quirks) when given its `pt_inception-2015-12-05` weights,
-or torchvision's inception_v3 for its ImageNet weights; both give 2048-d pool3 features of
-images quantized to 8 bits, resized to 299x299 bilinear and scaled to [-1, 1] like pytorch-fid.
-The Fréchet distance itself is `metrics.frechet_distance` (float64, eigh-based).
+The protocol: torchmetrics' `FrechetInceptionDistance` on torch-fidelity's `inception-v3-compat`
+extractor (the TF-ported Inception of the original FID code) with `antialias=False`, so images
+are resized to 299x299 by torch-fidelity's TF1-style bilinear, as the TTUR / pytorch-fid numbers
+that DMD2, SiD and GigaGAN report were. torchmetrics' default (`antialias=True`) and clean-fid
+(PIL bicubic) resize differently and give different numbers, so they are not used. Inputs are
+8-bit images (what a saved PNG holds). Precision / recall: torch-fidelity's `prc` (k=3) on the
+same 2048-d pool3 features.
+
+Nothing is downloaded: without a local weight file both libraries would fetch
+`weights-inception-2015-12-05-6726825d.pth` from GitHub; here a missing file is a ConfigError.
 """
 
 from __future__ import annotations
@@ -16,89 +20,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torchvision.models import inception as tv
 
 from distillkit.errors import ConfigError
-from distillkit.evaluation.metrics import feature_stats, frechet_distance
 
-FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release asset
-TORCHVISION_WEIGHTS = "inception_v3_google-0cc3c7bd.pth"  # torchvision IMAGENET1K_V1
-RESIZE = 299
-WEIGHTS_HINT = (
-    f"pass --fid-weights PATH: pytorch-fid's {FID_WEIGHTS} (the standard FID) or torchvision's "
-    f"{TORCHVISION_WEIGHTS}, or put one in the torch hub cache ({{hub}}/checkpoints); "
-    "distillkit never downloads them"
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's v0.2.0 asset
+IMPLEMENTATION = (
+    "torchmetrics FrechetInceptionDistance(feature=2048, antialias=False) on torch-fidelity "
+    "inception-v3-compat"
 )
+RESIZE = "torch-fidelity TF1-compatible bilinear to 299x299 (align_corners=False, no antialias)"
+PRC_NEIGHBOURS = 3
 
 
-def _avg3(x: torch.Tensor) -> torch.Tensor:
-    """TF's average pool ignores the zero padding; torchvision's counts it."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+def weights_hint() -> str:
+    where = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"download torch-fidelity's {WEIGHTS_FILE} (github.com/toshas/torch-fidelity/releases, "
+        f"v0.2.0) once and pass --fid-weights PATH or put it in {where}; distillkit never "
+        "downloads it"
+    )
 
 
-class FIDInceptionA(tv.InceptionA):
-    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return [self.branch1x1(x), b5, b3, self.branch_pool(_avg3(x))]
-
-
-class FIDInceptionC(tv.InceptionC):
-    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        for i in range(2, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-        return [self.branch1x1(x), b7, bd, self.branch_pool(_avg3(x))]
-
-
-class FIDInceptionE(tv.InceptionE):
-    """E_1 (average pool without padding) or E_2 (max pool), as in the TF graph."""
-
-    def __init__(self, in_channels: int, max_pool: bool) -> None:
-        super().__init__(in_channels)
-        self.max_pool = max_pool
-
-    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return [self.branch1x1(x), b3, bd, self.branch_pool(pooled)]
-
-
-def build_inception(flavour: str = "pytorch-fid") -> tv.Inception3:
-    """Random-weight Inception v3: pytorch-fid's FID variant (1008 classes) or torchvision's."""
-    if flavour == "torchvision":
-        return tv.Inception3(num_classes=1000, aux_logits=False, init_weights=False)
-    if flavour != "pytorch-fid":
-        raise ValueError(f"unknown Inception flavour {flavour!r}")
-    net = tv.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-    net.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-    return net
-
-
-def default_weights() -> Path | None:
-    """The first Inception weight file found in the torch hub cache (FID's preferred)."""
-    root = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in (FID_WEIGHTS, TORCHVISION_WEIGHTS):
-        if (root / name).is_file():
-            return root / name
-    return None
-
-
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -106,98 +49,197 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class InceptionFeatures(nn.Module):
-    """Images in [-1, 1] -> (N, 2048) pool3 features under the pytorch-fid input protocol."""
+def resolve_weights(weights: Path | str | None) -> Path:
+    """The weight file to use: the given path, else the torch hub cache; checked, never fetched.
 
-    def __init__(self, net: tv.Inception3, flavour: str, weights: str) -> None:
-        super().__init__()
-        net.fc = nn.Identity()  # pool3 -> (dropout, identity in eval) -> features
-        net.transform_input = False  # inputs are already scaled to [-1, 1]
-        self.net = net.eval().requires_grad_(False)
-        self.flavour, self.weights = flavour, weights
+    torch-fidelity itself unpickles with `weights_only=False`; loading here with
+    `weights_only=True` first rejects a file that would run code and checks the layout.
+    """
+    path = Path(weights).expanduser() if weights else None
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+        if not path.is_file():
+            raise ConfigError(f"--fid-weights: no {WEIGHTS_FILE} found at {path}; {weights_hint()}")
+    if not path.is_file():
+        raise ConfigError(f"--fid-weights: {path} does not exist; {weights_hint()}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        fc = state["fc.weight"]
+        ok = tuple(fc.shape) == (1008, 2048) and "Mixed_7c.branch_pool.conv.weight" in state
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(
+            f"--fid-weights: {path} is not a torch state dict ({type(err).__name__}: {first}); "
+            f"{weights_hint()}"
+        ) from None
+    if not ok:
+        raise ConfigError(
+            f"--fid-weights: {path} is not the FID Inception ({WEIGHTS_FILE}, 1008 classes); "
+            "torchvision's ImageNet inception_v3 gives different features"
+        )
+    return path
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1|3, H, W) in [-1, 1] -> (N, 3, H, W) uint8, rounded as saving a PNG would."""
+    x = images.detach().float().clamp(-1, 1)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8)
+
+
+class FID:
+    """torchmetrics FID with the real statistics kept across generated sets (teacher vs student).
+
+    ``keep_features``: also keep the pool3 features (for precision / recall), caught by a forward
+    hook on the library's own extractor so every image passes through Inception once.
+    """
+
+    def __init__(
+        self, weights: Path | str | None, device: str | torch.device = "cpu", keep_features=False
+    ) -> None:
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError:
+            raise ConfigError(
+                "FID needs torchmetrics + torch-fidelity: pip install '.[eval]'"
+            ) from None
+        path = resolve_weights(weights)
+        self.metric = FrechetInceptionDistance(
+            feature=2048,
+            reset_real_features=False,
+            normalize=False,
+            antialias=False,
+            feature_extractor_weights_path=str(path),
+        ).to(device)
+        self.device = torch.device(device)
+        self.weights = {"file": path.name, "sha256": file_sha256(path)}
+        self.features: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        self._real = False
+        self.keep_features = keep_features
+        self.metric.inception.register_forward_hook(self._keep)
+        self.reference: dict[str, Any] = {}
+
+    def _keep(self, module, inputs, output) -> None:
+        if self.keep_features:
+            self.features[self._real].append(output.detach().float().cpu())
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(images).float()
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0  # what a saved PNG would hold
-        x = F.interpolate(x, size=(RESIZE, RESIZE), mode="bilinear", align_corners=False)
-        return self.net(2 * x - 1).flatten(1)
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        """Add images in [-1, 1] (or uint8) to the real or the generated set."""
+        x = images if images.dtype == torch.uint8 else to_uint8(images)
+        self._real = real
+        self.metric.update(x.to(self.device), real=real)
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
+
+    def reset_generated(self) -> None:
+        """Forget the generated set; the real statistics stay (reset_real_features=False)."""
+        self.metric.reset()
+        self.features[False] = []
+
+    def feature_array(self, real: bool) -> np.ndarray:
+        return (
+            torch.cat(self.features[real]).numpy() if self.features[real] else np.empty((0, 2048))
+        )
+
+    def real_samples(self) -> int:
+        return int(self.metric.real_features_num_samples)
 
     def protocol(self) -> dict[str, Any]:
         return {
-            "feature_extractor": f"InceptionV3 pool3 (2048-d), {self.flavour} architecture",
+            "implementation": IMPLEMENTATION,
+            "feature_extractor": "InceptionV3 pool3 (2048-d), TF FID graph port",
             "weights": self.weights,
-            "input": "8-bit quantized RGB, scaled to [-1, 1]",
-            "resize": f"bilinear {RESIZE}x{RESIZE} (align_corners=False, no antialias)",
+            "input": "8-bit RGB (rounded as a PNG), uint8 into the extractor",
+            "resize": RESIZE,
+            **self.reference,
         }
 
-
-def load_inception(weights: Path | str | None, device: str | torch.device = "cpu"):
-    """InceptionFeatures from a weight file (flavour read from its classifier size)."""
-    path = Path(weights).expanduser() if weights else default_weights()
-    hint = WEIGHTS_HINT.format(hub=torch.hub.get_dir())
-    if path is None:
-        raise ConfigError(f"--fid-weights: no Inception weights found; {hint}")
-    if not path.is_file():
-        raise ConfigError(f"--fid-weights: {path} does not exist; {hint}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+    def load_reference(self, reference: Path | str, resolution: int, batch_size: int = 50) -> None:
+        """Real statistics from a folder of images (streamed) or an .npz with mu / sigma."""
+        path = Path(reference).expanduser()
+        if path.is_file() and path.suffix == ".npz":
+            self._load_npz(path)
+        elif path.is_dir():
+            n = self._load_folder(path, resolution, batch_size)
+            self.reference = {
+                "reference": str(path),
+                "reference_samples": n,
+                "reference_resize": f"short side to {resolution} (PIL bicubic), centre crop",
+            }
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-        classes = int(state["fc.weight"].shape[0])
-        flavour = "pytorch-fid" if classes == 1008 else "torchvision"
-        net = build_inception(flavour)
-        net.load_state_dict(state)
-    except Exception as err:
-        raise ConfigError(
-            f"--fid-weights: {path} is not an Inception v3 state dict "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
-    name = f"{path.name} (sha256 {_sha256(path)[:12]})"
-    return InceptionFeatures(net, flavour, name).to(device)
+            raise ConfigError(
+                f"--fid-reference: {path} is neither a folder of images nor an .npz "
+                "(mu, sigma[, n, features])"
+            )
 
+    def _load_folder(self, folder: Path, resolution: int, batch_size: int) -> int:
+        from PIL import Image, UnidentifiedImageError
 
-@torch.no_grad()
-def inception_features(
-    model: InceptionFeatures, images: torch.Tensor, batch_size: int = 50
-) -> np.ndarray:
-    device = next(model.parameters()).device
-    parts = [
-        model(images[i : i + batch_size].to(device)).double().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(parts).numpy()
+        from distillkit.data.sources import IMAGE_SUFFIXES, to_tensor
 
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < 2:
+            raise ConfigError(f"--fid-reference: {folder} needs at least 2 images")
+        for start in range(0, len(files), batch_size):
+            batch = []
+            for file in files[start : start + batch_size]:
+                try:
+                    with Image.open(file) as img:
+                        batch.append(to_tensor(img.convert("RGB"), resolution))
+                except (UnidentifiedImageError, OSError):
+                    raise ConfigError(f"--fid-reference: {file} is not a readable image") from None
+            self.update(torch.stack(batch), real=True)
+        return len(files)
 
-def reference_stats(
-    reference: Path | str, model: InceptionFeatures, resolution: int | None = None
-) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(mu, sigma, n) from a pytorch-fid .npz (mu, sigma) or from a folder of images."""
-    path = Path(reference).expanduser()
-    if path.is_file() and path.suffix == ".npz":
+    def _load_npz(self, path: Path) -> None:
+        """pytorch-fid / torch-fidelity statistics into the metric's own (sum, cov-sum, n) state."""
         with np.load(path) as data:
             if "mu" not in data or "sigma" not in data:
                 raise ConfigError(f"--fid-reference: {path} lacks 'mu'/'sigma' arrays")
-            return data["mu"], data["sigma"], None
-    if not path.is_dir():
-        raise ConfigError(f"--fid-reference: {path} is neither a folder of images nor an .npz")
-    from distillkit.data.sources import read_image_folder
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            n = int(data["n"]) if "n" in data else 2  # any n >= 2 reproduces mu and sigma
+            if "features" in data:
+                self.features[True] = [torch.from_numpy(data["features"]).float()]
+        if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+            raise ConfigError(f"--fid-reference: {path} holds {mu.shape} statistics, not 2048-d")
+        m, s = torch.from_numpy(mu), torch.from_numpy(sigma)
+        device = self.metric.real_features_sum.device
+        self.metric.real_features_sum = (n * m).to(device)
+        self.metric.real_features_cov_sum = ((n - 1) * s + n * torch.outer(m, m)).to(device)
+        self.metric.real_features_num_samples = torch.tensor(n, device=device)
+        self.reference = {"reference": str(path), "reference_samples": n if n > 2 else None}
 
-    try:
-        images, _ = read_image_folder(path, resolution or RESIZE)
-    except ConfigError as err:  # its messages name data.images; here the option is ours
-        raise ConfigError(str(err).replace("data.images", "--fid-reference")) from None
-    if len(images) < 2:
-        raise ConfigError(f"--fid-reference: {path} needs at least 2 images")
-    mu, sigma = feature_stats(inception_features(model, images))
-    return mu, sigma, len(images)
+    def save_reference(self, path: Path | str) -> None:
+        """The real statistics as an .npz (mu, sigma like pytorch-fid, n, features if kept)."""
+        m = self.metric
+        n = self.real_samples()
+        mu = m.real_features_sum / n
+        sigma = (m.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+        arrays = {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "n": np.array(n)}
+        if self.features[True]:
+            arrays["features"] = self.feature_array(True)
+        np.savez(path, **arrays)
 
 
-def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
-    return frechet_distance(*feature_stats(features), mu_ref, sigma_ref)
+def precision_recall(generated: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Improved precision / recall (Kynkäänniemi et al.) by torch-fidelity, k=3 neighbours."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    for name, feats in (("generated", generated), ("reference", real)):
+        if len(feats) <= PRC_NEIGHBOURS:
+            raise ConfigError(
+                f"precision/recall needs more than {PRC_NEIGHBOURS} {name} samples "
+                "(a reference folder, or an .npz with 'features')"
+            )
+    out = prc_features_to_metric(
+        torch.from_numpy(np.asarray(generated, np.float32)),
+        torch.from_numpy(np.asarray(real, np.float32)),
+        prc_neighborhood=PRC_NEIGHBOURS,
+        prc_batch_size=10000,
+        save_cpu_ram=len(generated) + len(real) > 20000,
+        verbose=False,
+    )
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}

@@ -1,21 +1,41 @@
-"""`distillkit eval PIPELINE_DIR --prompts FILE --metrics fid,clip`: standard text-to-image scores.
+"""`distillkit eval PIPELINE_DIR --prompts FILE --metrics fid,clip,prc`: text-to-image scores.
 
-The general path next to the digits benchmark: generate from an exported pipeline with a prompt
-file and fixed seeds, then FID (Inception, against a reference folder or .npz) and CLIP score.
-Metric models and references are checked before any image is generated, so a missing weight
-file fails in a second, not after an hour of sampling. The JSON records the full protocol.
+The general path next to the digits benchmark: generate from exported pipelines with a prompt
+file and fixed seeds, then FID and precision / recall (torchmetrics / torch-fidelity, see
+`fid.py`) and CLIP score (open_clip). The student and, with `compare`, its teacher at its own
+steps are scored on the same prompts, seeds and real statistics, one row each. Metric models
+and references load before any image is generated, so a missing weight file fails in a second,
+not after an hour of sampling. Images stream batch by batch into the metrics (30K samples at
+1024 px do not fit in memory). The JSON records the protocol that decides the numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distillkit.errors import ConfigError
 from distillkit.images import save_grid
 
-METRICS = ("fid", "clip")
+METRICS = ("fid", "clip", "prc")
+GRID_MAX = 64
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pipeline to score: a label for the table and how it is called."""
+
+    label: str
+    pipeline_dir: Path | str
+    steps: int
+    guidance: float
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -24,6 +44,64 @@ def parse_metrics(text: str) -> list[str]:
     if unknown or not names:
         raise ConfigError(f"--metrics: unknown {unknown or text!r}; choose from {list(METRICS)}")
     return list(dict.fromkeys(names))
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "diffusers", "torchmetrics", "torch-fidelity", "open_clip_torch"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _grid_path(grid: Path | str, index: int, label: str) -> Path:
+    path = Path(grid)
+    return path if index == 0 else path.with_name(f"{path.stem}_{label}{path.suffix}")
+
+
+def _score(pipe, run: Run, prompts: list[str], fid, clip, metrics, *, seed, batch_size, resolution):
+    """Generate ``prompts`` (batch i seeded seed + i) into the metrics; returns (row, grid)."""
+    from distillkit.evaluation.fid import precision_recall
+    from distillkit.evaluation.generate import generate_images
+
+    if fid is not None:
+        fid.reset_generated()
+    clip_scores, shown = [], []
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        images = generate_images(
+            pipe,
+            chunk,
+            steps=run.steps,
+            guidance=run.guidance,
+            seed=seed + index,
+            batch_size=batch_size,
+            resolution=resolution,
+        )
+        if fid is not None:
+            fid.update(images, real=False)
+        if clip is not None:
+            clip_scores.append(clip.scores(images, chunk, batch_size=batch_size))
+        if sum(len(s) for s in shown) < GRID_MAX:
+            shown.append(images[: GRID_MAX - sum(len(s) for s in shown)])
+    row: dict[str, Any] = {
+        "label": run.label,
+        "pipeline_dir": str(run.pipeline_dir),
+        "pipeline_class": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "steps": run.steps,
+        "guidance": float(run.guidance),
+        "n": len(prompts),
+    }
+    if "fid" in metrics:
+        row["fid"] = fid.compute()
+    if "prc" in metrics:
+        row.update(precision_recall(fid.feature_array(False), fid.feature_array(True)))
+    if clip is not None:
+        per_image = torch.cat([torch.from_numpy(s) for s in clip_scores])
+        row["clip_score"] = float(per_image.mean())
+        row["clip_score_std"] = float(per_image.std(unbiased=False))
+    return row, torch.cat(shown)
 
 
 def evaluate_prompts(
@@ -41,73 +119,90 @@ def evaluate_prompts(
     clip_model: str | None = None,
     clip_weights: str | None = None,
     grid: Path | str | None = None,
+    compare: Sequence[Run] = (),
+    label: str = "student",
+    protocol_name: str | None = None,
+    prompts_info: dict[str, Any] | None = None,
+    save_reference: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Scores plus a `protocol` dict; metric weights/references load before generation."""
-    import torch
-
+    """Scores of ``pipeline_dir`` (top level) and of every run (``runs``) plus the protocol."""
     from distillkit.clip import DEFAULT_MODEL, load_clip
-    from distillkit.evaluation.fid import inception_features, load_inception, reference_stats
-    from distillkit.evaluation.generate import default_resolution, generate_images, load_pipeline
-    from distillkit.evaluation.metrics import feature_stats, frechet_distance
+    from distillkit.evaluation.fid import FID, file_sha256
+    from distillkit.evaluation.generate import default_resolution, load_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    inception = clip = None
-    if "fid" in metrics:
+    fid = clip = None
+    if "fid" in metrics or "prc" in metrics:
         if not fid_reference:
             raise ConfigError("--fid-reference: FID needs real images (a folder) or an .npz")
-        inception = load_inception(fid_weights, device)
+        fid = FID(fid_weights, device, keep_features="prc" in metrics)
     if "clip" in metrics:
         clip = load_clip(clip_model or DEFAULT_MODEL, clip_weights, device)
     pipe = load_pipeline(pipeline_dir)
     resolution = default_resolution(pipe)
-    ref = None
-    if inception is not None:
+    if fid is not None:
         assert fid_reference is not None
-        ref = reference_stats(fid_reference, inception, resolution)
+        fid.load_reference(fid_reference, resolution, batch_size)
+        if save_reference is not None:  # reuse for the next run: COCO's 40K images read once
+            fid.save_reference(save_reference)
+        if "prc" in metrics and fid.feature_array(True).shape[0] == 0:
+            raise ConfigError(
+                f"--fid-reference: precision/recall needs reference features; {fid_reference} "
+                "holds only mu/sigma: give the image folder (or an .npz with 'features')"
+            )
     expanded = [p for p in prompts for _ in range(images_per_prompt)]
-    images = generate_images(
-        pipe,
-        expanded,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        batch_size=batch_size,
-        resolution=resolution,
-    )
-    n = len(images)
-    scores: dict[str, Any] = {"n": n}
+    runs = [Run(label, pipeline_dir, steps, guidance), *compare]
+    rows = []
+    for index, run in enumerate(runs):
+        pipe = pipe if index == 0 else load_pipeline(run.pipeline_dir)
+        row, shown = _score(
+            pipe, run, expanded, fid, clip, metrics,
+            seed=seed, batch_size=batch_size, resolution=resolution,
+        )  # fmt: skip
+        rows.append(row)
+        if grid is not None:
+            cols = images_per_prompt if 1 < images_per_prompt <= 8 else 8
+            rows_n = max(1, min(8, math.ceil(len(shown) / cols)))
+            save_grid(shown, _grid_path(grid, index, run.label), rows=rows_n, cols=cols)
+        pipe = None
+    n = len(expanded)
     protocol: dict[str, Any] = {
+        "name": protocol_name,
         "pipeline_dir": str(pipeline_dir),
-        "pipeline_class": type(pipe).__name__,
-        "scheduler": type(pipe.scheduler).__name__,
+        "pipeline_class": rows[0]["pipeline_class"],
+        "scheduler": rows[0]["scheduler"],
         "steps": steps,
         "guidance": float(guidance),
         "resolution": resolution,
         "prompts": len(prompts),
+        "prompt_file": prompts_info,
         "images_per_prompt": images_per_prompt,
         "samples": n,
         "seed": seed,
         "batch_size": batch_size,
         "batch_seeds": [seed + i for i in range(math.ceil(n / batch_size))],
+        "generation": "one CPU torch.Generator per batch, seed + batch index; every run alike",
+        "software": _versions(),
     }
-    if inception is not None and ref is not None:
-        mu, sigma, ref_n = ref
-        feats = inception_features(inception, images)
-        scores["fid"] = frechet_distance(*feature_stats(feats), mu, sigma)
+    if fid is not None:
         protocol["fid"] = {
-            **inception.protocol(),
-            "reference": str(fid_reference),
-            "reference_samples": ref_n,
+            **fid.protocol(),
             "samples": n,
             "note": "FID is biased upward below ~10k samples; compare equal sample counts",
         }
+    if "prc" in metrics:
+        protocol["precision_recall"] = {
+            "implementation": "torch-fidelity prc_features_to_metric (Kynkäänniemi et al. 2019)",
+            "neighbours": 3,
+            "features": "the FID Inception pool3 above (the paper's own uses VGG-16)",
+        }
     if clip is not None:
-        per_image = clip.scores(images, expanded, batch_size=batch_size)
-        scores["clip_score"] = float(per_image.mean())
-        scores["clip_score_std"] = float(per_image.std())
-        protocol["clip"] = {**clip.protocol(), "samples": n}
-    if grid is not None:
-        cols = images_per_prompt if 1 < images_per_prompt <= 8 else 8
-        save_grid(images, grid, rows=max(1, min(8, math.ceil(n / cols))), cols=cols)
-    scores["protocol"] = protocol
-    return scores
+        assert clip_weights is not None
+        protocol["clip"] = {
+            **clip.protocol(),
+            "weights_sha256": file_sha256(Path(clip_weights).expanduser()),
+        }
+        protocol["clip"]["samples"] = n
+    main = {k: v for k, v in rows[0].items() if k in ("fid", "precision", "recall", "n")}
+    main.update({k: v for k, v in rows[0].items() if k.startswith("clip_score")})
+    return {**main, "runs": rows, "protocol": protocol}

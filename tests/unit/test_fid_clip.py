@@ -1,8 +1,10 @@
-"""FID and CLIP score against direct reference computations, with random-weight models.
+"""FID, precision / recall and CLIP score against the libraries' own reference computations.
 
-No pretrained weights can be had offline, so the real architectures (pytorch-fid's FID Inception
-v3, open_clip ViT-B-32) get random weights, saved to files and loaded the way users load real
-ones. The math is then checked against independent numpy/scipy computations.
+No pretrained weights can be had offline, so the real architectures (torch-fidelity's FID
+Inception v3, open_clip ViT-B-32) get seeded random weights in the libraries' file layouts,
+saved and loaded the way users load the real ones. distillkit's FID (torchmetrics) is checked
+against torch-fidelity's `calculate_metrics` on the same PNGs: a second entry point with its
+own image loading, resize and Fréchet code.
 """
 
 from __future__ import annotations
@@ -12,54 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from distillkit.cli import main
 from distillkit.clip import load_clip, scores_from_embeddings, to_pil
-from distillkit.evaluation.fid import (
-    build_inception,
-    fid_from_features,
-    inception_features,
-    load_inception,
-)
-from distillkit.evaluation.metrics import feature_stats
+from distillkit.errors import ConfigError
+from distillkit.evaluation.fid import FID, WEIGHTS_FILE, file_sha256, precision_recall
 from distillkit.teachers.load import tiny_teacher_dir
-
-
-def _random_inception(flavour: str, path: Path) -> Path:
-    """Kaiming-initialised (so pool3 features are O(1), not 1e-8), saved like a release file."""
-    torch.manual_seed(0)
-    net = build_inception(flavour)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
+from tests.helpers.metric_weights import random_clip_weights, random_inception_weights
 
 
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory) -> Path:
-    return _random_inception("pytorch-fid", tmp_path_factory.mktemp("fid") / "pt_inception.pth")
+    return random_inception_weights(tmp_path_factory.mktemp("fid") / WEIGHTS_FILE)
 
 
 @pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory) -> Path:
-    import open_clip
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    path = tmp_path_factory.mktemp("clip") / "vit_b_32_random.safetensors"
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def inception(fid_weights: Path):
-    return load_inception(fid_weights)
+    return random_clip_weights(tmp_path_factory.mktemp("clip") / "vit_b_32_random.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -71,45 +45,137 @@ def _images(seed: int, n: int = 4, size: int = 32) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # few samples: singular
-def test_fid_matches_direct_computation(inception) -> None:
-    model = inception
-    assert model.flavour == "pytorch-fid" and "sha256" in model.weights
-    fa = inception_features(model, _images(0))
-    fb = inception_features(model, _images(1) * 0.3)
-    assert fa.shape == (4, 2048) and fa.std() > 1e-3
-    with threadpool_limits(1):  # 2048x2048 eigh: BLAS threads only fight on a shared box
-        mu_a, sigma_a = feature_stats(fa)
-        assert abs(fid_from_features(fa, mu_a, sigma_a)) < 1e-6 * np.trace(sigma_a)
-        mu_b, sigma_b = feature_stats(fb)
-        ours = fid_from_features(fa, mu_b, sigma_b)
-    # exact reference without any 2048x2048 square root: with centred features A, B the nonzero
-    # eigenvalues of S_a S_b are the squared singular values of A B^T / sqrt((n-1)(m-1))
-    a, b = fa - fa.mean(0), fb - fb.mean(0)
-    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(3 * 3)
-    direct = ((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_covmean
-    assert ours == pytest.approx(direct, rel=1e-6)
-    # pytorch-fid's own formula (scipy sqrtm) on a slice of the same features
-    sa, sb = sigma_a[:64, :64], sigma_b[:64, :64]
-    covmean = scipy.linalg.sqrtm(sa @ sb).real
-    scipy_fd = ((mu_a - mu_b)[:64] ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean)
+def _write_pngs(folder: Path, pixels: np.ndarray) -> Path:
+    folder.mkdir()
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory) -> dict:
+    """6 real and 6 generated 320 px images (downscaled to 299: the resize method matters);
+    half the generated ones are real ones, so precision and recall are neither 0 nor 1."""
+    root = tmp_path_factory.mktemp("sets")
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (6, 40, 40, 3)), np.ones((1, 8, 8, 1)))
+    real = smooth.astype(np.uint8)
+    other = rng.integers(60, 200, (3, 320, 320, 3), dtype=np.uint8)
+    fake = np.concatenate([real[:3], other])
+    return {
+        "real": _write_pngs(root / "real", real),
+        "fake": _write_pngs(root / "fake", fake),
+        "fake_images": torch.from_numpy(fake).permute(0, 3, 1, 2).float() / 127.5 - 1,
+        "real_images": torch.from_numpy(real).permute(0, 3, 1, 2),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def ours(two_sets, fid_weights):
     with threadpool_limits(1):
-        ours_64 = fid_from_features(fa[:, :64], mu_b[:64], sb)
-    assert ours_64 == pytest.approx(scipy_fd, rel=1e-5)
+        fid = FID(fid_weights, keep_features=True)
+        fid.load_reference(two_sets["real"], resolution=320, batch_size=3)
+        fid.update(two_sets["fake_images"], real=False)
+        return fid, fid.compute()
 
 
-def test_fid_input_protocol(inception, tmp_path: Path) -> None:
-    """8-bit quantisation, bilinear 299 px, [-1, 1]; torchvision weights load as such."""
-    model = inception
-    x = _images(2, n=2)
-    q = ((x + 1) * 127.5).round() / 255
-    q = torch.nn.functional.interpolate(q, size=(299, 299), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        expected = model.net(2 * q - 1)
-    assert torch.allclose(model(x), expected, atol=1e-5)
-    assert "299x299" in model.protocol()["resize"]
-    tv_model = load_inception(_random_inception("torchvision", tmp_path / "tv.pth"))
-    assert tv_model.flavour == "torchvision"
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch-fidelity's DataLoader worker note
+def test_fid_and_prc_equal_torch_fidelity_on_the_same_pngs(two_sets, ours, fid_weights) -> None:
+    import torch_fidelity
+
+    fid, value = ours
+    with threadpool_limits(1):
+        ref = torch_fidelity.calculate_metrics(
+            input1=str(two_sets["fake"]),
+            input2=str(two_sets["real"]),
+            fid=True,
+            prc=True,
+            feature_extractor="inception-v3-compat",
+            feature_extractor_weights_path=str(fid_weights),
+            cuda=False,
+            cache=False,
+            verbose=False,
+        )
+    expected = ref["frechet_inception_distance"]
+    assert expected > 1.0  # not tiny: the relative tolerance means something
+    assert value == pytest.approx(expected, rel=1e-3)
+    prc = precision_recall(fid.feature_array(False), fid.feature_array(True))
+    assert prc == pytest.approx({k: ref[k] for k in ("precision", "recall")}, abs=1e-6)
+    assert 0 < prc["precision"] < 1 and fid.real_samples() == 6
+    assert fid.protocol()["weights"]["sha256"] == file_sha256(fid_weights)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_npz_roundtrips(two_sets, ours, fid_weights) -> None:
+    fid, between = ours
+    npz = two_sets["root"] / "real.npz"
+    fid.save_reference(npz)
+    with threadpool_limits(1):
+        again = FID(fid_weights, keep_features=True)
+        again.load_reference(npz, resolution=320)
+        for name in ("real_features_sum", "real_features_cov_sum"):
+            a, b = getattr(fid.metric, name), getattr(again.metric, name)
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(a.abs().max()))
+        assert again.feature_array(True).shape == (6, 2048)
+        again.update(two_sets["real_images"], real=False)  # the real set as the generated one
+        assert abs(again.compute()) < 1e-3 * between
+
+
+def test_resize_is_torch_fidelity_tf1_bilinear_not_the_torchmetrics_default(
+    ours, fid_weights
+) -> None:
+    """Same weights, one 400 px image: our extractor gives torch-fidelity's own features, and
+    torchmetrics' default (antialias=True) would give others."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    x = (torch.rand(1, 3, 400, 400, generator=torch.Generator().manual_seed(4)) * 255).byte()
+    fid, _ = ours
+    with torch.no_grad(), threadpool_limits(1):
+        mine = fid.metric.inception(x)
+        lib = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(fid_weights))(x)[0]
+        aa = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(fid_weights), antialias=True)
+        default = aa(x)
+    assert torch.allclose(mine, lib, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mine, default, rtol=1e-3, atol=1e-3)
+    assert "TF1" in fid.protocol()["resize"]
+
+
+def test_missing_or_wrong_weights_name_the_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(ConfigError) as err:
+        FID(None)
+    text = str(err.value)
+    assert WEIGHTS_FILE in text and str(tmp_path / "torch_home" / "hub" / "checkpoints") in text
+    assert "--fid-weights" in text and "never downloads" in text
+    with pytest.raises(ConfigError, match="nope.pth does not exist"):
+        FID(tmp_path / "nope.pth")
+    tv = tmp_path / "tv.pth"
+    torch.save({"fc.weight": torch.zeros(1000, 2048)}, tv)
+    with pytest.raises(ConfigError, match="not the FID Inception"):
+        FID(tv)
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Path("x")}, evil)  # an object weights_only refuses to unpickle
+    with pytest.raises(ConfigError, match="is not a torch state dict"):
+        FID(evil)
+
+
+def test_the_library_would_download_and_our_path_prevents_it(fid_weights, monkeypatch) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    urls: list[str] = []
+
+    def no_network(url: str, **kwargs):
+        urls.append(url)
+        raise RuntimeError("network")
+
+    monkeypatch.setattr(tfi, "load_state_dict_from_url", no_network)
+    with pytest.raises(RuntimeError, match="network"):
+        FrechetInceptionDistance(feature=2048)
+    assert urls and urls[0].startswith("https://") and urls[0].endswith(WEIGHTS_FILE)
+    FID(fid_weights)
+    assert len(urls) == 1
 
 
 def test_clip_score_matches_direct_cosine(scorer) -> None:
@@ -160,7 +226,11 @@ def test_eval_cli_writes_scores_and_protocol(
     p = scores["protocol"]
     assert p["samples"] == 4 and p["seed"] == 5 and p["batch_seeds"] == [5] and p["steps"] == 2
     assert "InceptionV3 pool3 (2048-d)" in p["fid"]["feature_extractor"]
-    assert "bilinear 299x299" in p["fid"]["resize"] and p["fid"]["reference_samples"] == 3
+    assert "torchmetrics" in p["fid"]["implementation"] and "TF1" in p["fid"]["resize"]
+    assert p["fid"]["reference_samples"] == 3
+    assert p["fid"]["weights"] == {"file": WEIGHTS_FILE, "sha256": file_sha256(fid_weights)}
+    assert p["clip"]["weights_sha256"] == file_sha256(clip_weights)
+    assert [r["label"] for r in scores["runs"]] == [eval_inputs["pipe"].name]
     assert p["clip"]["scale"] == 100.0 and "ViT-B-32" in p["clip"]["model"]
 
 
@@ -187,4 +257,4 @@ def test_missing_weights_exit_2_naming_the_option(
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     if named == "--fid-weights":
-        assert "never downloads" in err
+        assert "never downloads" in err and WEIGHTS_FILE in err
