@@ -213,6 +213,15 @@ class ExportConfig(Strict):
         "half-precision rounding dominates there; the weights are compared bit for bit)",
     )
     lora_file: bool = True
+    select: Literal["last", "best"] = Field(
+        "last",
+        description="best: export the generator (EMA if used) that scored best in "
+        "logging.eval_every's evaluations, by logging.eval_select_by",
+    )
+
+
+EVAL_DIRECTIONS = {"fd": "min", "px_fd": "min", "accuracy": "max", "px_accuracy": "max"}
+EVAL_DIRECTIONS["clip_score"] = "max"
 
 
 class LoggingConfig(Strict):
@@ -230,6 +239,35 @@ class LoggingConfig(Strict):
     )
     collapse_teacher_steps: int = Field(25, ge=1, description="teacher steps for the reference")
     report: bool = Field(True, description="loss curves and OUTPUT_DIR/report.md at the end")
+    eval_every: int = Field(0, ge=0, description="score the generator every N steps (0: never)")
+    eval_metrics: list[Literal["digits", "clip"]] = Field(
+        default_factory=lambda: ["digits"],
+        description="digits: both digits judges (digits teachers); clip: CLIP score",
+    )
+    eval_select_by: Literal["fd", "px_fd", "accuracy", "px_accuracy", "clip_score"] = Field(
+        "fd", description="the score export.select: best ranks by (FDs lower, others higher)"
+    )
+    eval_per_class: int = Field(20, ge=2, description="digits: samples per digit (10 digits)")
+    eval_prompts: list[str] | None = Field(None, description="clip: default the sample prompts")
+    eval_per_prompt: int = Field(4, ge=1, description="clip: seeds per prompt")
+    eval_seed: int = 0
+    eval_clip_model: str = "ViT-L-14"
+    eval_clip_weights: str | None = Field(None, description="clip: open_clip weights on disk")
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> LoggingConfig:
+        metric = "clip" if self.eval_select_by == "clip_score" else "digits"
+        if self.eval_every and metric not in self.eval_metrics:
+            raise ValueError(
+                f"logging.eval_select_by={self.eval_select_by!r} is a {metric} score: add "
+                f"{metric!r} to logging.eval_metrics"
+            )
+        if self.eval_every and "clip" in self.eval_metrics and not self.eval_clip_weights:
+            raise ValueError(
+                "logging.eval_metrics has 'clip': set logging.eval_clip_weights to an open_clip "
+                "weight file on disk (nothing is downloaded)"
+            )
+        return self
 
 
 class HubConfig(Strict):
@@ -270,6 +308,21 @@ def _run_config_class() -> type:
             if self.hub.push and not self.export.enabled:
                 raise ValueError(
                     "hub.push needs export.enabled: true (the export is what is pushed)"
+                )
+            return self
+
+        @model_validator(mode="after")
+        def _check_eval(self) -> RunConfig:
+            if self.export.select == "best" and not self.logging.eval_every:
+                raise ValueError(
+                    "export.select: best needs evaluations to pick from: set "
+                    "logging.eval_every (e.g. 100)"
+                )
+            digits = self.data.prompts == "digits"
+            if self.logging.eval_every and "digits" in self.logging.eval_metrics and not digits:
+                raise ValueError(
+                    "logging.eval_metrics: 'digits' judges digit prompts, for a run distilling "
+                    "a digits teacher (data.prompts: digits); use eval_metrics: [clip]"
                 )
             return self
 

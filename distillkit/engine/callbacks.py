@@ -50,13 +50,16 @@ class HubPushCallback(Callback):
 
 
 def default_callbacks(cfg: RunConfig) -> list[Callback]:
-    """The callbacks a config asks for, in order: samples, report, then the Hub push."""
+    """The callbacks a config asks for, in order: samples, evaluation, report, Hub push."""
+    from distillkit.engine.evaluate import EvalCallback
     from distillkit.engine.report import ReportCallback
     from distillkit.engine.samples import SampleCallback
 
     out: list[Callback] = []
     if cfg.logging.sample_every > 0:
         out.append(SampleCallback(cfg.logging, cfg.teacher.default_guidance))
+    if cfg.logging.eval_every > 0:
+        out.append(EvalCallback(cfg.logging))
     if cfg.logging.report:
         out.append(ReportCallback())
     if cfg.hub.push and cfg.export.enabled:

@@ -129,15 +129,27 @@ class Trainer:
         self.checkpoint_seconds = 0.0  # the last checkpoint's write time: fits the grace period?
         self.lr_scale = 1.0
         self.callbacks = default_callbacks(cfg) if accelerator.is_main_process else []
-        if is_sharded(accelerator) and cfg.logging.sample_every > 0:
-            # the grids run the generator on rank 0 alone; a sharded forward needs every rank
-            from distillkit.engine.samples import SampleCallback
+        if is_sharded(accelerator):
+            self._drop_rank0_sampling(cfg, accelerator)
 
-            self.callbacks = [c for c in self.callbacks if not isinstance(c, SampleCallback)]
-            accelerator.print(
-                "warning: sample grids (logging.sample_every) are not made under FSDP yet; "
-                "evaluate the exported pipeline instead"
+    def _drop_rank0_sampling(self, cfg: RunConfig, accelerator: Accelerator) -> None:
+        """Grids and evaluations run the generator on rank 0 alone; a sharded forward needs
+        every rank, so under FSDP they are off (and export.select: best has nothing to pick)."""
+        from distillkit.engine.evaluate import EvalCallback
+        from distillkit.engine.samples import SampleCallback
+
+        if cfg.export.select == "best":
+            raise ConfigError(
+                "export.select: best needs logging.eval_every's evaluations, which do not run "
+                "under FSDP yet: use export.select: last and evaluate the exported pipeline"
             )
+        drop = (SampleCallback, EvalCallback)
+        if any(isinstance(c, drop) for c in self.callbacks):
+            accelerator.print(
+                "warning: sample grids and evaluations (logging.sample_every, eval_every) are "
+                "not made under FSDP yet; evaluate the exported pipeline instead"
+            )
+        self.callbacks = [c for c in self.callbacks if not isinstance(c, drop)]
 
     # ------------------------------------------------------------------ setup
     def _build_optimisation(self) -> None:
@@ -571,6 +583,14 @@ class Trainer:
         generator = self.generator_for_export()
         if generator is None:
             return None
+        if self.cfg.export.select == "best":
+            from distillkit.engine.evaluate import load_best_into
+
+            best = load_best_into(generator, self.output_dir)
+            self.accelerator.print(
+                f"exporting the best evaluated generator: step {best['step']}, "
+                f"{best['select_by']} {best['score']:.4g}"
+            )
         if not all_finite(generator.parameters()):
             raise TrainingDiverged("the generator's weights are not finite; nothing was exported")
         return export_run(

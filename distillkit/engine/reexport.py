@@ -1,5 +1,6 @@
 """`distillkit export RUN_DIR`: rebuild the run's networks, load a checkpoint, and export it
-through the same ``export_run`` as the end of training (same files, card and metadata)."""
+through the same ``export_run`` as the end of training (same files, card and metadata); a run
+with ``export.select: best`` exports its best evaluated generator unless --checkpoint is given."""
 
 from __future__ import annotations
 
@@ -54,4 +55,9 @@ def reexport(run_dir: Path, checkpoint: str | None = None) -> ExportReport:
         ema = GuardedEMA(params, decay=cfg.train.ema.decay)  # the class training checkpoints
         ema.load_state_dict(torch.load(ema_file, weights_only=True))
         ema.copy_to(params)
+    if cfg.export.select == "best" and checkpoint is None:  # --checkpoint names one instead
+        from distillkit.engine.evaluate import load_best_into
+
+        best = load_best_into(generator, run_dir)
+        print(f"exporting the best evaluated generator (step {best['step']}, {best['select_by']})")
     return export_run(cfg, teacher, generator, recipe.step_counts, smoke=smoke)

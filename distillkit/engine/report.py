@@ -31,7 +31,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def plot_curves(
     records: list[dict[str, Any]], path: Path, threshold: float | None = None
 ) -> Path | None:
-    """One panel per group (losses, grad norms, collapse ratios); None without data/matplotlib."""
+    """One panel per group (losses, grad norms, collapse ratios) and per evaluation score
+    (``eval/*``: steps below, wall-clock minutes on top); None without data/matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -42,6 +43,7 @@ def plot_curves(
         "loss": [k for k in keys if k.endswith("/loss")],
         "grad norm": [k for k in keys if k.endswith("/grad_norm")],
         "collapse (student / teacher)": [k for k in keys if k.startswith("collapse/")],
+        **{key: [key] for key in keys if key.startswith("eval/")},
     }
     groups = {name: ks for name, ks in groups.items() if ks}
     if not groups:
@@ -57,9 +59,54 @@ def plot_curves(
             ax.axhline(threshold, color="red", linestyle="--", label="warning threshold")
         ax.set_title(name)
         ax.set_xlabel("step")
+        if name.startswith("eval/"):
+            _wall_clock_axis(ax, records)
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
     return path
+
+
+def _wall_clock_axis(ax, records: list[dict[str, Any]]) -> None:
+    """A top axis in minutes since the first record, read off the records' (step, time)."""
+    import numpy as np
+
+    pts = sorted((r["step"], r["time"]) for r in records if "time" in r)
+    if len(pts) < 2:
+        return
+    steps = np.array([p[0] for p in pts], dtype=float)
+    minutes = (np.array([p[1] for p in pts]) - pts[0][1]) / 60.0
+    top = ax.secondary_xaxis(
+        "top",
+        functions=(lambda x: np.interp(x, steps, minutes), lambda m: np.interp(m, minutes, steps)),
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = MaxNLocator(5).tick_values(0.0, float(minutes[-1]))
+    top.set_xticks([t for t in ticks if 0.0 <= t <= minutes[-1]])  # none past the last record
+    top.set_xlabel("wall clock (min)")
+
+
+def _evaluation_lines(output_dir: Path, start: float | None) -> list[str]:
+    """The evaluations (logging.eval_every) as a table: step, minutes since ``start`` (the
+    first logged record), scores; then the best one."""
+    from distillkit.engine.evaluate import BEST_DIR, BEST_META, EVAL_LOG
+
+    rows = read_jsonl(output_dir / EVAL_LOG)
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if k not in ("step", "time", "best")]
+    start = rows[0]["time"] if start is None else start
+    lines = ["| step | min | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.4g}" for k in keys]
+        lines.append(
+            f"| {r['step']} | {(r['time'] - start) / 60:.1f} | " + " | ".join(cells) + " |"
+        )
+    meta = output_dir / BEST_DIR / BEST_META
+    if meta.is_file():
+        best = json.loads(meta.read_text())
+        lines.append(f"\nBest by {best['select_by']}: step {best['step']} ({best['score']:.4g}).")
+    return ["## Evaluation", "\n".join(lines)]
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -94,6 +141,7 @@ def write_report(output_dir: Path, config: dict[str, Any], *, smoke: bool = Fals
         parts += ["## Curves", f"![training curves]({CURVES})"]
     elif records:
         parts += ["## Curves", "(matplotlib is not installed: pip install 'distillkit[logging]')"]
+    parts += _evaluation_lines(output_dir, records[0].get("time") if records else None)
     if grids:
         rel = grids[-1].relative_to(output_dir).as_posix()
         parts += [

@@ -132,28 +132,10 @@ class SampleCallback(Callback):
 
     def generate(self, trainer: Trainer) -> torch.Tensor:
         """The generator's samples for the fixed prompts and noise, as images in [-1, 1]."""
-        teacher, acc = trainer.teacher, trainer.accelerator
-        net = acc.unwrap_model(trainer.recipe.generator_net())
-        nets = [net, teacher.denoiser]  # a shared-base adapter runs the teacher's modules
-        steps = trainer.recipe.export_steps
+        return generator_images(trainer, self.texts, self.noise, self.cfg.sample_seed + 1)
 
-        def run(noise: torch.Tensor, cond, i: int) -> torch.Tensor:
-            gen = torch.Generator().manual_seed(self.cfg.sample_seed + 1 + i)
-            return teacher.generate(net, noise, cond, steps=steps, generator=gen)
-
-        with torch.no_grad(), _quiet_rng(), eval_mode(*nets), acc.autocast():
-            return self._chunked(teacher, run)
-
-    @torch.no_grad()
     def _chunked(self, teacher: TeacherAdapter, sample) -> torch.Tensor:
-        """``sample(noise, cond, chunk)`` -> latents, CHUNK samples at a time (bounded memory
-        at 1024 px), decoded to images on the CPU."""
-        out = []
-        for i, start in enumerate(range(0, len(self.texts), CHUNK)):
-            texts = self.texts[start : start + CHUNK]
-            latents = sample(self.noise[start : start + CHUNK], teacher.encode(texts), i)
-            out.append(teacher.decode_latents(latents).float().cpu())
-        return torch.cat(out)
+        return chunked_images(teacher, self.texts, self.noise, sample)
 
     def sample(self, trainer: Trainer, step: int) -> dict[str, float]:
         self.last_step = step
@@ -201,6 +183,36 @@ class SampleCallback(Callback):
 
             if wandb.run is not None:
                 wandb.run.log({"samples": wandb.Image(str(path))}, step=step)
+
+
+@torch.no_grad()
+def chunked_images(teacher: TeacherAdapter, texts: list[str], noise: torch.Tensor, sample):
+    """``sample(noise, cond, chunk)`` -> latents, CHUNK samples at a time (bounded memory at
+    1024 px), decoded to images on the CPU."""
+    out = []
+    for i, start in enumerate(range(0, len(texts), CHUNK)):
+        cond = teacher.encode(texts[start : start + CHUNK])
+        latents = sample(noise[start : start + CHUNK], cond, i)
+        out.append(teacher.decode_latents(latents).float().cpu())
+    return torch.cat(out)
+
+
+def generator_images(
+    trainer: Trainer, texts: list[str], noise: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """The current generator's samples at the export's step count for fixed prompts and noise,
+    as images in [-1, 1]; the training RNG streams do not move (chunk i draws from seed + i)."""
+    teacher, acc = trainer.teacher, trainer.accelerator
+    net = acc.unwrap_model(trainer.recipe.generator_net())
+    nets = [net, teacher.denoiser]  # a shared-base adapter runs the teacher's modules
+    steps = trainer.recipe.export_steps
+
+    def run(noise: torch.Tensor, cond, i: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed + i)
+        return teacher.generate(net, noise, cond, steps=steps, generator=gen)
+
+    with torch.no_grad(), _quiet_rng(), eval_mode(*nets), acc.autocast():
+        return chunked_images(teacher, texts, noise, run)
 
 
 @contextlib.contextmanager
