@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,8 +113,11 @@ class EvalCallback(Callback):
         self.noise = self.noise.to(teacher.device)
         self.out_dir = Path(trainer.output_dir)
         meta = self.out_dir / BEST_DIR / BEST_META
-        if meta.is_file():  # resumed: rank against the best so far
+        if meta.is_file() and trainer.start_step > 0:  # resumed: rank against the best so far
             self.best = json.loads(meta.read_text())["score"]
+        elif meta.is_file():  # an earlier attempt that never checkpointed: not this run's
+            shutil.rmtree(self.out_dir / BEST_DIR)
+            trainer.accelerator.print(f"removed {self.out_dir / BEST_DIR}: a fresh run's best")
         self.started = time.time()
 
     def on_log(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:

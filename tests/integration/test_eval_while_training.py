@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def test_best_evaluated_generator_is_exported(tmp_path, monkeypatch, capsys) -> 
     monkeypatch.setattr(EvalCallback, "score", scripted)
     monkeypatch.setattr(digits_eval, "load_judge", _one_epoch_judge)  # wiring, not quality
     out = tmp_path / "run"
+    stale = out / BEST_DIR  # a crashed attempt's best (no checkpoint): not this run's
+    stale.mkdir(parents=True)
+    (stale / BEST_META).write_text(json.dumps({"step": 9, "select_by": "fd", "score": 0.0}))
     assert main(_run_args(out, "export.select=best")) == 0
     assert seen == [2, 4, 6]
     rows = [json.loads(line) for line in (out / EVAL_LOG).read_text().splitlines()]
@@ -166,3 +170,33 @@ def test_direction_and_missing_best(tmp_path) -> None:
 def test_eval_config_refusals(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "recipes" / "dmd2_sd15.yaml", overrides)
+
+
+def test_best_survives_resume(tmp_path, monkeypatch) -> None:
+    """A resumed run ranks against the best so far: step 6 scored again (3.0) does not replace
+    step 4's 1.0, and the export after the resume is still step 4's generator."""
+    real_score = EvalCallback.score
+    monkeypatch.setattr(
+        EvalCallback,
+        "score",
+        lambda self, x: {**real_score(self, x), "fd": SCRIPTED_FD[self.last_step]},
+    )
+    monkeypatch.setattr(digits_eval, "load_judge", _one_epoch_judge)
+    out = tmp_path / "run"
+    assert main(_run_args(out, "export.select=best")) == 0
+    for name in ("pipeline", "lora", "checkpoints/step-0000006"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "checkpoints" / "latest").unlink(missing_ok=True)
+    assert main([*_run_args(out, "export.select=best"), "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / EVAL_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 6] and "best" not in rows[-1]
+    assert json.loads((out / BEST_DIR / BEST_META).read_text())["step"] == 4
+    at4 = load_file(str(out / "checkpoints" / "step-0000004" / "generator.safetensors"))
+    exported = _unet_state(out / "pipeline")
+    shared = {k: v for k, v in at4.items() if k.removeprefix("unet.") in exported}
+    assert shared and all(
+        torch.equal(
+            exported[k.removeprefix("unet.")], v.to(exported[k.removeprefix("unet.")].dtype)
+        )
+        for k, v in shared.items()
+    )
