@@ -135,12 +135,14 @@ class EvalCallback(Callback):
 
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         self.last_step = step
+        began = time.perf_counter()
         with exported_weights(trainer) as net:
             texts = self.texts + self.clip_texts
             images = generator_images(trainer, texts, self.noise, self.cfg.eval_seed + 1)
             scores = self.score(images)
             key = self.cfg.eval_select_by
             record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), **scores}
+            record["seconds"] = round(time.perf_counter() - began, 3)  # to take off wall times
             if is_better(scores[key], self.best, key):
                 self.best = scores[key]
                 self._save_best(net, step, key, scores)

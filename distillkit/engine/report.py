@@ -94,7 +94,7 @@ def _evaluation_lines(output_dir: Path, start: float | None) -> list[str]:
     rows = read_jsonl(output_dir / EVAL_LOG)
     if not rows:
         return []
-    keys = [k for k in rows[0] if k not in ("step", "time", "best")]
+    keys = [k for k in rows[0] if k not in ("step", "time", "best", "seconds")]
     start = rows[0]["time"] if start is None else start
     lines = ["| step | min | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:

@@ -123,3 +123,22 @@ def test_goal_holds_under_both_judges() -> None:
     assert not ok and "px FD 0.26 > 0.25" in text
     cnn_only = {"accuracy": 0.94, "fd": 3.5}  # older rows without pixel scores: CNN goal only
     assert bench.goal_verdict(cnn_only, teacher)[0]
+
+
+def test_time_to_goal_takes_the_first_meeting_less_evaluation_time() -> None:
+    """evaluation/bench_time_to_goal.py: the first row passing both judges; its wall time is
+    time since launch minus every evaluation's own seconds so far."""
+    path = ROOT / "evaluation" / "bench_time_to_goal.py"
+    spec = importlib.util.spec_from_file_location("bench_time_to_goal", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ref = {"accuracy": 0.95, "fd": 3.0, "pixel": {"accuracy": 0.95, "fd": 0.2}}
+    row = {"accuracy": 0.94, "fd": 3.5, "px_accuracy": 0.93, "px_fd": 0.24, "seconds": 5.0}
+    rows = [
+        {**row, "step": 100, "time": 110.0, "px_fd": 0.3},  # CNN passes, pixel FD misses
+        {**row, "step": 200, "time": 130.0},
+        {**row, "step": 300, "time": 150.0},
+    ]
+    met = bench.first_meeting(rows, ref, launched=100.0)
+    assert met["step"] == 200 and met["seconds"] == 130.0 - 100.0 - 10.0
+    assert bench.first_meeting(rows[:1], ref, launched=100.0) is None
