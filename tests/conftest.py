@@ -74,3 +74,12 @@ def clip_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_judge(_isolated_environment):
+    """The benchmark's CNN judge and split, trained once per test process into the isolated
+    cache (about 20 s), shared by the test files that only need a good judge."""
+    from distillkit.evaluation.digits_eval import load_judge
+
+    return load_judge()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distillkit.data.digits import DigitsSplit, digits_to_images, load_digits_split
-from distillkit.evaluation.judge import DigitJudge, load_or_train_judge
+from distillkit.evaluation.judge import DigitJudge
 from distillkit.evaluation.metrics import digits_scores, per_class_accuracy
 from distillkit.evaluation.pixel_judge import (
     PixelJudge,
@@ -33,8 +33,8 @@ def pixel_judge(split: DigitsSplit) -> PixelJudge:
 
 
 @pytest.fixture(scope="module")
-def cnn_judge(split: DigitsSplit, tmp_path_factory: pytest.TempPathFactory) -> DigitJudge:
-    return load_or_train_judge(tmp_path_factory.mktemp("judge"), seed=0, split=split)
+def cnn_judge(digits_judge) -> DigitJudge:
+    return digits_judge[0]
 
 
 def test_pooled_pixels_read_ink_where_it_is() -> None:
