@@ -14,7 +14,7 @@ RECIPES: dict[str, type] = {}
 FAMILIES: dict[str, type] = {}
 SOURCES: dict[str, Callable[[str], Path]] = {}  # model_id prefix -> local pipeline directory
 # packages whose modules register model sources (the digits teachers: "digits:<family>")
-SOURCE_PACKAGES = ("distillkit.benchmark.teachers",)
+SOURCE_PACKAGES = ("distillkit.benchmark.teachers", "distillkit.benchmark.compose_teachers")
 
 
 def register_recipe(cls: type) -> type:

@@ -92,10 +92,12 @@ class TeacherSpec:
 # 8x8x4 latents (VAE downsampling 4): the digits are 8x8 scans, so nothing is lost, and the
 # denoisers stay cheap. Two attention heads: CPU attention with 4-dim heads costs more than the
 # convolutions.
-_UNET = dict(vae_downsample=4, vae_channels=16, block_out_channels=(32, 64), attention_head_dim=2)
+DIGITS_UNET = dict(
+    vae_downsample=4, vae_channels=16, block_out_channels=(32, 64), attention_head_dim=2
+)
 SPECS: dict[str, TeacherSpec] = {
-    "sd15": TeacherSpec(TinySpec("sd15", **_UNET)),
-    "sdxl": TeacherSpec(TinySpec("sdxl", **_UNET)),
+    "sd15": TeacherSpec(TinySpec("sd15", **DIGITS_UNET)),
+    "sdxl": TeacherSpec(TinySpec("sdxl", **DIGITS_UNET)),
     "sana": TeacherSpec(
         TinySpec("sana", vae_downsample=4, vae_channels=16, dit_heads=2, dit_head_dim=32,
                  dit_layers=4),
@@ -189,23 +191,34 @@ def _mix(cond: Conditioning, drop: Tensor) -> dict:
 
 
 def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> dict:
-    """The plain diffusion loss in the adapter's own parameterization, with EMA weights."""
-    net = adapter.denoiser
+    """The plain diffusion loss on the digits' training split (see :func:`denoise_loop`)."""
     latents = torch.cat([adapter.encode_images(b) for b in split.train_images.split(256)])
     labels = split.train_labels
+    rng = random.Random(spec.seed)
+
+    def draw(n: int) -> tuple[Tensor, list[str]]:
+        idx = torch.randint(0, len(latents), (n,), generator=gen)
+        prompts = [prompt_for(int(y), rng.randrange(len(PROMPT_TEMPLATES))) for y in labels[idx]]
+        return latents[idx], prompts
+
+    return denoise_loop(adapter, spec, gen, draw)
+
+
+def denoise_loop(adapter: TeacherAdapter, spec: TeacherSpec, gen, draw) -> dict:
+    """The plain diffusion loss in the adapter's own parameterization, with EMA weights;
+    ``draw(n)`` gives a batch of clean latents and their prompts."""
+    net = adapter.denoiser
     net.requires_grad_(True).train()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup, spec.steps)
     ema = EMAModel(params, decay=spec.ema_decay, use_ema_warmup=True, power=3 / 4)
-    rng = random.Random(spec.seed)
     losses = []
     for step in range(spec.steps):
-        idx = torch.randint(0, len(latents), (spec.batch_size,), generator=gen)
-        prompts = [prompt_for(int(y), rng.randrange(len(PROMPT_TEMPLATES))) for y in labels[idx]]
+        x0, prompts = draw(spec.batch_size)
         drop = torch.rand(spec.batch_size, generator=gen) < spec.prompt_dropout
         kwargs = _mix(adapter.encode(prompts), drop)
-        x0, t = latents[idx], adapter.sample_t(spec.batch_size, gen)
+        t = adapter.sample_t(spec.batch_size, gen)
         noise = torch.randn(x0.shape, generator=gen)
         out = adapter.forward(net, adapter.add_noise(x0, noise, t), t, kwargs)
         loss = F.mse_loss(out, adapter.target(x0, noise, t))
@@ -265,9 +278,9 @@ def distil_guidance(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> d
     }
 
 
-def build_untrained(spec: TeacherSpec) -> DiffusionPipeline:
-    """The family's tiny pipeline at 32 px with the spec's sizes and seed (random weights)."""
-    pipe = build_tiny_pipeline(replace(spec.arch, sample_size=RESOLUTION))
+def build_untrained(spec: TeacherSpec, resolution: int = RESOLUTION) -> DiffusionPipeline:
+    """The family's tiny pipeline (32 px) with the spec's sizes and seed (random weights)."""
+    pipe = build_tiny_pipeline(replace(spec.arch, sample_size=resolution))
     if spec.flow_shift is not None:  # SANA's DPM-Solver calls it flow_shift, FlowMatch* shift
         key = "flow_shift" if "flow_shift" in pipe.scheduler.config else "shift"
         config = {**pipe.scheduler.config, key: spec.flow_shift}

@@ -20,18 +20,18 @@ from distillkit.data.digits import NUM_CLASSES, PROMPT_TEMPLATES, prompt_for
 from distillkit.teachers.base import TeacherAdapter
 
 
-def _text_encoders(adapter: TeacherAdapter) -> list[nn.Module]:
+def text_encoders(adapter: TeacherAdapter) -> list[nn.Module]:
     comps = adapter.pipe.components
     return [m for k, m in comps.items() if k.startswith("text_encoder") and m is not None]
 
 
-def _pooled_outputs(cond: dict, mask: Tensor | None = None) -> list[Tensor]:
+def pooled_outputs(cond: dict, mask: Tensor | None = None) -> list[Tensor]:
     """Every text-dependent network input as (N, D); sequences averaged over valid tokens."""
     mask = cond.get("encoder_attention_mask", mask)
     out = []
     for key, value in cond.items():
         if isinstance(value, dict):
-            out += _pooled_outputs(value, mask)
+            out += pooled_outputs(value, mask)
         elif isinstance(value, Tensor) and value.requires_grad and key != "encoder_attention_mask":
             if value.ndim == 3:
                 w = torch.ones(value.shape[:2]) if mask is None else mask.float()
@@ -56,7 +56,7 @@ def pretrain_text(
 
     Call it before the first ``adapter.encode``, which caches embeddings.
     """
-    encoders = _text_encoders(adapter)
+    encoders = text_encoders(adapter)
     params = [p for m in encoders for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -69,7 +69,7 @@ def pretrain_text(
         picks = [rng.sample(templates, templates_per_digit) for _ in range(NUM_CLASSES)]
         prompts = [prompt_for(y, j) for y, js in enumerate(picks) for j in js]
         cond, _ = adapter.encode_prompts(prompts)
-        loss = sum(supervised_contrastive(f, labels) for f in _pooled_outputs(cond))
+        loss = sum(supervised_contrastive(f, labels) for f in pooled_outputs(cond))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
