@@ -44,6 +44,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--protocol {args.protocol} needs --prompts CAPTIONS: e.g. COCO-2014 val's "
             "captions_val2014.json or a .txt/.jsonl/.csv of captions (distillkit ships none)"
         )
+    if getattr(args, "card", False) and getattr(args, "prompts", None) is None:
+        raise ConfigError(
+            "--card fills the model card from a prompt-set evaluation: add --prompts FILE "
+            "(the digits benchmark's scores are not written into cards)"
+        )
     if getattr(args, "prompts", None) is not None:  # the general path: prompts + metrics
         if args.benchmark is not None:
             raise ConfigError("--benchmark and --prompts exclude each other: pick one")
@@ -129,14 +134,24 @@ def cmd_prompt_eval(args: argparse.Namespace) -> int:
         prompts_info=prompts_record(path, prompts, rule, column),
         save_reference=args.fid_save_reference,
     )
+    if scores is None:  # another rank of a multi-process run: rank 0 reports and writes
+        return 0
     p = scores["protocol"]
-    print(f"{p['samples']} samples at {p['resolution']} px, seed {p['seed']}, prompts {path}")
+    ranks = f", {p['world_size']} processes" if p["world_size"] > 1 else ""
+    print(
+        f"{p['samples']} samples at {p['resolution']} px, seed {p['seed']}{ranks}, prompts {path}"
+    )
     print(format_runs(scores["runs"]))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(scores, indent=1) + "\n")
         print(f"wrote {out}")
+    if args.card:
+        from distillkit.export.eval_card import write_eval_card
+
+        source = Path(args.out).name if args.out else "this evaluation"
+        print(f"wrote {write_eval_card(args.pipeline_dir, scores, source)} (## Evaluation)")
     return 0
 
 
@@ -160,6 +175,11 @@ def add_prompt_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=None, metavar="DIR", help="also score this pipeline")
     g.add_argument("--teacher-steps", type=positive_int, default=None)
     g.add_argument("--teacher-guidance", type=float, default=None)
+    g.add_argument(
+        "--card",
+        action="store_true",
+        help="write the scores + protocol line into PIPELINE_DIR/README.md (## Evaluation)",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

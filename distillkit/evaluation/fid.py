@@ -15,6 +15,7 @@ Nothing is downloaded: without a local weight file both libraries would fetch
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ class FID:
         self.metric = FrechetInceptionDistance(
             feature=2048,
             reset_real_features=False,
+            sync_on_compute=False,  # ranks gather features themselves (prompt_eval / shard.py)
             normalize=False,
             antialias=False,
             feature_extractor_weights_path=str(path),
@@ -131,8 +133,36 @@ class FID:
         self._real = real
         self.metric.update(x.to(self.device), real=real)
 
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """pool3 features (float32, CPU) of images, leaving the metric as it was: what each rank
+        computes on its shard before the features are gathered."""
+        x = images if images.dtype == torch.uint8 else to_uint8(images)
+        keep, self.keep_features = self.keep_features, False
+        try:
+            return self.metric.inception(x.to(self.device)).detach().float().cpu()
+        finally:
+            self.keep_features = keep
+
+    def set_generated(self, batches: list[torch.Tensor]) -> None:
+        """The generated set from ``extract``'s features, batch by batch in sample order: the
+        sums torchmetrics' own ``update`` forms (float64), so a gathered set scores as if one
+        process had passed the images through ``update``."""
+        self.reset_generated()
+        m = self.metric
+        for feats in batches:
+            f = feats.to(m.fake_features_sum.device).double()
+            m.fake_features_sum += f.sum(dim=0)
+            m.fake_features_cov_sum += f.t().mm(f)
+            m.fake_features_num_samples += f.shape[0]
+            m.orig_dtype = feats.dtype  # compute() casts its result to the features' dtype
+        if self.keep_features:
+            self.features[False] = [f.float().cpu() for f in batches]
+
     def compute(self) -> float:
-        return float(self.metric.compute())
+        with warnings.catch_warnings():  # set_generated fills the states without update()
+            warnings.filterwarnings("ignore", "The ``compute`` method", UserWarning)
+            return float(self.metric.compute())
 
     def reset_generated(self) -> None:
         """Forget the generated set; the real statistics stay (reset_real_features=False)."""

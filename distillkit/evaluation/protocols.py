@@ -108,21 +108,8 @@ def prompts_record(path: Path, chosen: list[str], rule: str, column: str) -> dic
     }
 
 
-COLUMNS = (
-    ("fid", "FID", "{:.3f}"),
-    ("clip_score", "CLIP", "{:.3f}"),
-    ("precision", "prec", "{:.3f}"),
-    ("recall", "recall", "{:.3f}"),
-)
-
-
 def format_runs(rows: list[dict[str, Any]]) -> str:
-    """One markdown table, a row per pipeline (student beside its teacher)."""
-    shown = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    head = ["run", "steps", "guidance", "samples", *[c[1] for c in shown]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"], str(r["steps"]), f"{r['guidance']:g}", str(r["n"])]
-        cells += [fmt.format(r[key]) if key in r else "-" for key, _, fmt in shown]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One markdown table, a row per pipeline: the one the model card shows (`--card`)."""
+    from distillkit.export.eval_card import runs_table
+
+    return runs_table(rows)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from distillkit.export.card import CardInfo, card_info, export_call_defaults, write_model_card
+from distillkit.export.eval_card import generated_section, replace_section
 
 logger = logging.getLogger(__name__)
 _LOGIN_HINT = "run `hf auth login` or set the HF_TOKEN environment variable (a write token)"
@@ -80,11 +81,19 @@ def card_for_run(output_dir: Path, repo_id: str | None) -> CardInfo | None:
 
 
 def refresh_card(output_dir: Path, repo_id: str | None) -> bool:
-    """Copy the last sample grid into pipeline/ and rewrite README.md; False if not a run dir."""
+    """Copy the last sample grid into pipeline/ and rewrite README.md; False if not a run dir.
+
+    An evaluation section written by `distillkit eval --card` (table + protocol line) is kept in
+    place of the eval*.json table: it is the more specific one.
+    """
     output_dir = Path(output_dir)
     info = card_for_run(output_dir, repo_id)
     if info is None:
         return False
+    readme = output_dir / "pipeline" / "README.md"
+    kept = generated_section(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    if kept:
+        info.eval_results = None
     grid = latest_grid(output_dir)
     if grid is not None:
         target = output_dir / "pipeline" / GRID
@@ -92,6 +101,9 @@ def refresh_card(output_dir: Path, repo_id: str | None) -> bool:
         shutil.copyfile(grid, target)
         info.sample_grid = GRID
     write_model_card(output_dir / "pipeline", info)
+    if kept:
+        text = replace_section(readme.read_text(encoding="utf-8"), kept)
+        readme.write_text(text, encoding="utf-8", newline="\n")
     return True
 
 
