@@ -27,6 +27,33 @@ def call_settings(args: argparse.Namespace) -> tuple[int, float]:
     return int(steps), float(guidance)
 
 
+def cmd_compose_eval(args: argparse.Namespace, steps: int, guidance: float) -> int:
+    """--benchmark digits-compose: the slot judge's rates, FD and diversity, as JSON with --out."""
+    from distillkit.evaluation.compose_eval import evaluate_compose, format_compose
+
+    scores = evaluate_compose(
+        args.pipeline_dir,
+        steps=steps,
+        guidance=guidance,
+        scenes=getattr(args, "scenes", 600),
+        seed=args.seed,
+        judge_cache=getattr(args, "judge_cache", None),
+        grid=args.grid,
+    )
+    p = scores["protocol"]
+    print(
+        f"digits-compose: {args.pipeline_dir} ({p['pipeline_class']}), steps={steps}, "
+        f"guidance={guidance:g}, {p['resolution']} px, {p['scenes']} scenes"
+    )
+    print(format_compose(f"{steps}-step", scores))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scores, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score PIPELINE_DIR; steps/guidance default to what a distillkit export's card says."""
     from distillkit.evaluation.digits_eval import evaluate_digits, format_table
@@ -54,9 +81,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("--benchmark and --prompts exclude each other: pick one")
         return cmd_prompt_eval(args)
     args.benchmark = getattr(args, "benchmark", None) or "digits"
-    if args.benchmark != "digits":
+    if args.benchmark not in ("digits", "digits-compose"):
         raise ConfigError(f"unknown benchmark {args.benchmark!r}; available: digits")
     steps, guidance = call_settings(args)
+    if args.benchmark == "digits-compose":
+        return cmd_compose_eval(args, steps, guidance)
     scores = evaluate_digits(
         args.pipeline_dir,
         steps=steps,
@@ -186,7 +215,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `distillkit eval` on the CLI's subparsers."""
     p = subparsers.add_parser("eval", help="score an exported pipeline: benchmark or prompt set")
     p.add_argument("pipeline_dir", help="a diffusers pipeline dir (e.g. runs/x/pipeline)")
-    p.add_argument("--benchmark", default=None, choices=["digits"], help="default: digits")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        choices=["digits", "digits-compose"],
+        help="default: digits; digits-compose: 64 px scenes of coloured digits (--scenes)",
+    )
+    p.add_argument("--scenes", type=positive_int, default=600, help="digits-compose: scenes")
     p.add_argument("--steps", type=positive_int, default=None, help="default: the export's card")
     p.add_argument(
         "--guidance", type=float, default=None, help="default: the export's card (0 for students)"

@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 
 from distillkit.benchmark import compose_teachers as C
 from distillkit.benchmark.teachers import REPORT_FILE
+from distillkit.cli import main
 from distillkit.config import TeacherConfig
 from distillkit.errors import ConfigError
 from distillkit.export.card import export_resolution
@@ -39,6 +40,13 @@ def test_quick_compose_teacher_trains_and_loads_as_a_card(tmp_path, monkeypatch)
         "a red three to the left of a blue seven", num_inference_steps=2, output_type="pt"
     ).images
     assert image.shape == (1, 3, 64, 64)
+
+    result = tmp_path / "compose.json"  # the benchmark through the real CLI
+    argv = ["eval", str(out), "--benchmark", "digits-compose", "--scenes", "6", "--steps", "2"]
+    assert main([*argv, "--guidance", "2", "--out", str(result)]) == 0
+    scores = json.loads(result.read_text())
+    assert scores["n"] == 6 and scores["protocol"]["benchmark"] == "digits-compose"
+    assert {"all_correct", "digit", "colour", "binding", "position", "count", "fd"} <= set(scores)
 
     monkeypatch.setattr(C, "train_compose_teacher", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setitem(C.COMPOSE_SPECS, "sd15", C.get_compose_spec("sd15", quick=True))
