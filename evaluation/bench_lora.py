@@ -204,9 +204,16 @@ def score_family(family: str, args, judge, split) -> dict:
     return {"references": refs, "rows": rows, "guidance": guidance}
 
 
+def _pixel_cell(row: dict, ref: dict) -> str:
+    if "pixel" not in row or "pixel" not in ref:
+        return "-"
+    px, rx = row["pixel"], ref["pixel"]
+    return f"{px['accuracy']:.3f} / {px['fd']:.3f} ({rx['accuracy']:.3f} / {rx['fd']:.3f})"
+
+
 def render_markdown(results: dict) -> str:
     head = ["family", "recipe", "kind", "style", "steps", "accuracy", "FD", "style stat"]
-    head += ["ref acc", "ref FD", "ref stat", "pass"]
+    head += ["ref acc", "ref FD", "ref stat", "px acc / FD (ref)", "pass"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family, part in results["families"].items():
         for r in part["rows"]:
@@ -215,6 +222,7 @@ def render_markdown(results: dict) -> str:
                 f"| {family} | {r['recipe']} | {r['kind']} | {r['style']} | {r['steps']} | "
                 f"{r['accuracy']:.3f} | {r['fd']:.1f} | {r['style_statistic']:.3f} | "
                 f"{ref['accuracy']:.3f} | {ref['fd']:.1f} | {ref['style_statistic']:.3f} | "
+                f"{_pixel_cell(r, ref)} | "
                 f"{'yes' if r['pass'] else 'no: ' + '; '.join(r['misses'])} |"
             )
     return "\n".join(lines) + "\n"
