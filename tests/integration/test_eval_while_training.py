@@ -27,6 +27,17 @@ SCRIPTED_FD = {2: 5.0, 4: 1.0, 6: 3.0}
 EVAL_CLIP = ["logging.eval_every=10", "logging.eval_metrics=[clip]"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run starts from a fresh process's accelerate state (bf16 autocast here,
+    whatever an earlier test in this worker set up), and leaves none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _run_args(out: Path, *extra: str) -> list[str]:
     return [
         "run",
