@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "time_to_goal")
     p.add_argument("--out", type=Path, default=None, help="default: results/time_to_goal_F.json")
+    p.add_argument(
+        "--fresh", action="store_true", help="drop the out file's rows for other recipes"
+    )
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "evaluation" / "results" / f"time_to_goal_{args.family}.json"
     return args
@@ -99,11 +102,13 @@ def run_recipe(recipe: str, args, ref: dict) -> dict:
     code = subprocess.run(cmd, cwd=ROOT).returncode
     wall = time.time() - launched
     row: dict = {"recipe": recipe, "config": str(config.relative_to(ROOT)), "exit_code": code}
+    row["commit"], row["command"] = git_commit(), " ".join(cmd[1:])
     row.update(wall_seconds=wall, load_before=load_before, load_after=os.getloadavg())
     evals_path = run_dir / "eval.jsonl"
     evals = [json.loads(line) for line in evals_path.read_text().splitlines()] if code == 0 else []
     row["eval_seconds"] = sum(r.get("seconds", 0.0) for r in evals)
     row["evaluations"] = evals
+    row["sample_steps"] = evals[-1].get("sample_steps") if evals else None
     row["first_meeting"] = first_meeting(evals, ref, launched)
     met = row["first_meeting"]
     print(
@@ -111,6 +116,20 @@ def run_recipe(recipe: str, args, ref: dict) -> dict:
         + (f"goal at step {met['step']}, {met['seconds']:.0f} s" if met else "goal not met")
     )
     return row
+
+
+def kept_rows(args: argparse.Namespace) -> list[dict]:
+    """The out file's rows for recipes not rerun now, each keeping the commit it ran at (a
+    rerun of one recipe must not erase the others' quiet measurements)."""
+    if args.fresh or not args.out.is_file():
+        return []
+    earlier = json.loads(args.out.read_text())
+    if earlier.get("protocol", {}).get("family") != args.family:
+        return []
+    rows = [r for r in earlier["recipes"] if r["recipe"] not in args.recipes]
+    for row in rows:
+        row.setdefault("commit", earlier["commit"])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "the evaluations' own time (teacher load and text encoding included)",
         },
         "teacher": ref,
-        "recipes": [],
+        "recipes": kept_rows(args),
     }
     for recipe in args.recipes:
         results["recipes"].append(run_recipe(recipe, args, ref))

@@ -142,6 +142,7 @@ class EvalCallback(Callback):
             scores = self.score(images)
             key = self.cfg.eval_select_by
             record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), **scores}
+            record["sample_steps"] = trainer.recipe.export_steps  # the count the scores are at
             record["seconds"] = round(time.perf_counter() - began, 3)  # to take off wall times
             if is_better(scores[key], self.best, key):
                 self.best = scores[key]

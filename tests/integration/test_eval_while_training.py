@@ -92,6 +92,7 @@ def test_best_evaluated_generator_is_exported(tmp_path, monkeypatch, capsys) -> 
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert [r.get("best", False) for r in rows] == [True, True, False]
     assert {"accuracy", "px_accuracy", "px_fd", "diversity"} <= set(rows[0])
+    assert [r["sample_steps"] for r in rows] == [1, 1, 1]  # the export's one step
     assert 0.0 <= rows[0]["accuracy"] <= 1.0 and rows[0]["px_fd"] > 0
     best = json.loads((out / BEST_DIR / BEST_META).read_text())
     assert best["step"] == 4 and best["select_by"] == "fd" and best["score"] == 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -125,13 +126,18 @@ def test_goal_holds_under_both_judges() -> None:
     assert bench.goal_verdict(cnn_only, teacher)[0]
 
 
-def test_time_to_goal_takes_the_first_meeting_less_evaluation_time() -> None:
-    """evaluation/bench_time_to_goal.py: the first row passing both judges; its wall time is
-    time since launch minus every evaluation's own seconds so far."""
+def _time_to_goal_bench():
     path = ROOT / "evaluation" / "bench_time_to_goal.py"
     spec = importlib.util.spec_from_file_location("bench_time_to_goal", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_time_to_goal_takes_the_first_meeting_less_evaluation_time() -> None:
+    """evaluation/bench_time_to_goal.py: the first row passing both judges; its wall time is
+    time since launch minus every evaluation's own seconds so far."""
+    bench = _time_to_goal_bench()
     ref = {"accuracy": 0.95, "fd": 3.0, "pixel": {"accuracy": 0.95, "fd": 0.2}}
     row = {"accuracy": 0.94, "fd": 3.5, "px_accuracy": 0.93, "px_fd": 0.24, "seconds": 5.0}
     rows = [
@@ -142,3 +148,18 @@ def test_time_to_goal_takes_the_first_meeting_less_evaluation_time() -> None:
     met = bench.first_meeting(rows, ref, launched=100.0)
     assert met["step"] == 200 and met["seconds"] == 130.0 - 100.0 - 10.0
     assert bench.first_meeting(rows[:1], ref, launched=100.0) is None
+
+
+def test_time_to_goal_rerun_keeps_the_other_recipes_rows(tmp_path) -> None:
+    """Rerunning one recipe keeps the others' rows with the commit they ran at; another
+    family's file or --fresh starts over."""
+    bench = _time_to_goal_bench()
+    out = tmp_path / "ttg.json"
+    rows = [{"recipe": "dmd2"}, {"recipe": "apt", "commit": "new"}]
+    out.write_text(json.dumps({"commit": "old", "protocol": {"family": "sd15"}, "recipes": rows}))
+    args = bench.parse_args(["--recipes", "apt", "--out", str(out)])
+    assert bench.kept_rows(args) == [{"recipe": "dmd2", "commit": "old"}]
+    assert (
+        bench.kept_rows(bench.parse_args(["--recipes", "apt", "--out", str(out), "--fresh"])) == []
+    )
+    assert bench.kept_rows(bench.parse_args(["--family", "sdxl", "--out", str(out)])) == []
