@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -204,9 +205,18 @@ def train_denoiser(adapter: TeacherAdapter, split, spec: TeacherSpec, gen) -> di
     return denoise_loop(adapter, spec, gen, draw)
 
 
-def denoise_loop(adapter: TeacherAdapter, spec: TeacherSpec, gen, draw) -> dict:
+def denoise_loop(
+    adapter: TeacherAdapter,
+    spec: TeacherSpec,
+    gen,
+    draw,
+    on_eval: Callable[[int], None] | None = None,
+    eval_every: int = 0,
+) -> dict:
     """The plain diffusion loss in the adapter's own parameterization, with EMA weights;
-    ``draw(n)`` gives a batch of clean latents and their prompts."""
+    ``draw(n)`` gives a batch of clean latents and their prompts. ``on_eval(step)``, every
+    ``eval_every`` steps, sees the EMA weights in the network (a learning curve for teacher
+    experiments); it runs under a forked RNG, so the trained weights do not depend on it."""
     net = adapter.denoiser
     net.requires_grad_(True).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -231,6 +241,14 @@ def denoise_loop(adapter: TeacherAdapter, spec: TeacherSpec, gen, draw) -> dict:
         losses.append(loss.item())
         if step % 100 == 0:
             _log(f"denoiser {step}/{spec.steps} loss {_window(losses, True):.4f}")
+        if on_eval is not None and eval_every and (step + 1) % eval_every == 0:
+            ema.store(params)
+            ema.copy_to(params)
+            net.eval()
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                on_eval(step + 1)
+            ema.restore(params)
+            net.train()
     ema.copy_to(params)
     net.requires_grad_(False).eval()
     return {"loss_first": _window(losses, False), "loss_final": _window(losses, True)}

@@ -84,3 +84,42 @@ def test_scene_text_pretraining_pulls_paraphrases_together() -> None:
 def test_unknown_compose_family_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="compositional digits teachers exist for"):
         C.get_compose_spec("flux")
+
+
+def test_denoise_loop_eval_hook_sees_ema_weights_and_changes_nothing() -> None:
+    """``on_eval`` runs every ``eval_every`` steps with the EMA weights in the network (at the
+    last step they are the weights the loop returns), and a hook that draws random numbers
+    leaves the trained weights bit-identical to a run without it."""
+    from dataclasses import replace
+
+    from distillkit.benchmark.teachers import build_untrained, denoise_loop
+    from distillkit.registry import get_family
+
+    spec = replace(C.get_compose_spec("sd15", quick=True).base, steps=4, batch_size=2, warmup=1)
+    seen: list[int] = []
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def train(with_hook: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        adapter = get_family("sd15")(build_untrained(spec), 32, torch.device("cpu"))
+        net = adapter.denoiser
+        shape = (2, *adapter.latent_shape())
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+        def hook(step: int) -> None:
+            torch.randn(1000)  # a hook's sampling must not move the loop's streams
+            assert not net.training
+            seen.append(step)
+            snapshots[step] = {k: v.clone() for k, v in net.state_dict().items()}
+
+        draw = lambda n: (latents, ["a one", "a two"])  # noqa: E731
+        gen = torch.Generator().manual_seed(2)
+        denoise_loop(adapter, spec, gen, draw, hook if with_hook else None, eval_every=2)
+        return net
+
+    plain, hooked = train(False).state_dict(), train(True).state_dict()
+    assert seen == [2, 4]
+    for key, value in plain.items():
+        assert torch.equal(value, hooked[key]), key
+        assert torch.equal(snapshots[4][key], value), key  # the EMA weights the loop keeps
+    assert any(not torch.equal(snapshots[2][k], hooked[k]) for k in hooked)
