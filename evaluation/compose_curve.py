@@ -44,9 +44,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--scenes", type=int, default=150, help="evaluation scenes (layouts cycle)")
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument(
+        "--white",
+        action="store_true",
+        help="experiment: white ink only, colour from canvas size apart (read digit rates)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}.json"
+    white = "_white" if args.white else ""
+    name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}.json"
     args.out = args.out or ROOT / "evaluation" / "results" / "digits_compose" / name
     return args
 
@@ -89,6 +95,9 @@ def per_layout(images: torch.Tensor, scenes: list[Scene], judge) -> dict[str, di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.white:  # the palette every scene, prompt and slot reading draws from
+        COLOURS.clear()
+        COLOURS["white"] = (1.0, 1.0, 1.0)
     spec = get_compose_spec(args.family)
     base = replace(spec.base, steps=args.steps)
     judge, judge_split = load_judge()
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python evaluation/compose_curve.py " + " ".join(argv or sys.argv[1:]),
         "spec": repr(replace(spec, base=base)),
         "single_steps": args.single_steps,
+        "palette": dict(COLOURS),
         "evaluation": {"scenes": args.scenes, "steps": 25, "guidance": args.guidance},
         "curve": [],
     }

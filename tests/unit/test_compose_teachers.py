@@ -123,3 +123,31 @@ def test_denoise_loop_eval_hook_sees_ema_weights_and_changes_nothing() -> None:
         assert torch.equal(value, hooked[key]), key
         assert torch.equal(snapshots[4][key], value), key  # the EMA weights the loop keeps
     assert any(not torch.equal(snapshots[2][k], hooked[k]) for k in hooked)
+
+
+def test_compose_curve_curriculum_draws_singles_first() -> None:
+    """evaluation/compose_curve.py: the first ``single_steps`` draws are single-digit scenes
+    whose prompts name the digit the rendered scan shows; later draws cycle all layouts."""
+    import importlib.util
+    from pathlib import Path
+
+    from distillkit.data.digits import DIGIT_NAMES, load_digits_split
+
+    path = Path(__file__).resolve().parents[2] / "evaluation" / "compose_curve.py"
+    spec = importlib.util.spec_from_file_location("compose_curve", path)
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+
+    class Passthrough:  # latents = the rendered images, to read what was drawn
+        def encode_images(self, images):
+            return images
+
+    draw = curve.curriculum_sampler(Passthrough(), load_digits_split(), single_steps=2)
+    for _ in range(2):
+        images, prompts = draw(6)
+        assert images.shape == (6, 3, 64, 64)
+        assert all(len([w for w in p.split() if w.strip(",") in DIGIT_NAMES]) == 1 for p in prompts)
+        assert float(images[:, :, :, :16].max()) == -1.0  # centred: the left margin stays black
+    _, prompts = draw(6)
+    assert any("left" in p or "right" in p for p in prompts)
+    assert any("above" in p or "below" in p for p in prompts)
