@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections import defaultdict
@@ -21,10 +20,14 @@ from pathlib import Path
 
 import torch
 
-from distillkit.benchmark.compose_teachers import get_compose_spec, pretrain_scene_text
+from distillkit.benchmark.compose_teachers import (
+    get_compose_spec,
+    pretrain_scene_text,
+    scene_sampler,
+)
 from distillkit.benchmark.provenance import git_commit, machine
 from distillkit.benchmark.teachers import build_untrained, denoise_loop, train_vae
-from distillkit.data.compose import COLOURS, SCENE_SIZE, Scene, build_scenes, draw_scenes, render
+from distillkit.data.compose import COLOURS, SCENE_SIZE, Scene, build_scenes
 from distillkit.data.digits import load_digits_split
 from distillkit.evaluation.compose_judge import read_scenes
 from distillkit.evaluation.digits_eval import load_judge
@@ -55,31 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}.json"
     args.out = args.out or ROOT / "evaluation" / "results" / "digits_compose" / name
     return args
-
-
-def curriculum_sampler(adapter, split, single_steps: int, seed: int = 0):
-    """``draw(n)``: training scenes as latents and prompts; single-digit scenes only for the
-    first ``single_steps`` calls (one call per denoiser step)."""
-    by_digit = {d: (split.train_labels == d).nonzero().flatten().tolist() for d in range(10)}
-    rng, calls = random.Random(seed + 7), iter(range(1 << 62))
-
-    def draw(n: int):
-        call = next(calls)
-        if call < single_steps:
-            colours = list(COLOURS)
-            scenes = [
-                Scene("single", ((rng.randrange(10), rng.choice(colours)),), rng.randrange(2))
-                for _ in range(n)
-            ]
-        else:
-            scenes = draw_scenes(n, seed=seed * 7919 + call)
-        scans = [[split.train_images[rng.choice(by_digit[d])] for d, _ in s.slots] for s in scenes]
-        images = torch.stack([render(s, x) for s, x in zip(scenes, scans, strict=True)])
-        with torch.no_grad():
-            latents = adapter.encode_images(images)
-        return latents, [s.prompt() for s in scenes]
-
-    return draw
 
 
 def per_layout(images: torch.Tensor, scenes: list[Scene], judge) -> dict[str, dict[str, float]]:
@@ -140,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         result["curve"].append(point)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    draw = curriculum_sampler(adapter, split, args.single_steps, base.seed)
+    draw = scene_sampler(adapter, split, base.seed, single_steps=args.single_steps)
     result |= denoise_loop(adapter, base, gen, draw, evaluate, args.eval_every)
     result["train_seconds"] = round(time.perf_counter() - began, 1)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

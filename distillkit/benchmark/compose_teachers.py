@@ -36,7 +36,15 @@ from distillkit.benchmark.text_pretrain import (
     supervised_contrastive,
     text_encoders,
 )
-from distillkit.data.compose import SCENE_SIZE, TEMPLATES, build_scenes, draw_scenes, render
+from distillkit.data.compose import (
+    COLOURS,
+    SCENE_SIZE,
+    TEMPLATES,
+    Scene,
+    build_scenes,
+    draw_scenes,
+    render,
+)
 from distillkit.data.digits import load_digits_split
 from distillkit.errors import ConfigError
 from distillkit.export.pipeline import EXPORT_META, PROMPT_CALL_KWARGS
@@ -137,14 +145,22 @@ def train_compose_teacher(family: str, out_dir: Path, *, quick: bool = False) ->
     return report
 
 
-def scene_sampler(adapter: TeacherAdapter, split, seed: int):
-    """``draw(n)``: n fresh training scenes (training scans only), as latents and prompts."""
+def scene_sampler(adapter: TeacherAdapter, split, seed: int, single_steps: int = 0):
+    """``draw(n)``: n fresh training scenes (training scans only), as latents and prompts;
+    a curriculum for experiments: single-digit scenes only for the first ``single_steps``
+    calls (one call per denoiser step; 0, the teachers' setting, draws nothing extra)."""
     by_digit = {d: (split.train_labels == d).nonzero().flatten().tolist() for d in range(10)}
     rng = random.Random(seed + 7)
     counter = iter(range(1 << 62))
 
+    def singles(n: int) -> list[Scene]:
+        colours = list(COLOURS)
+        pick = lambda: ((rng.randrange(10), rng.choice(colours)),)  # noqa: E731
+        return [Scene("single", pick(), rng.randrange(2)) for _ in range(n)]
+
     def draw(n: int) -> tuple[Tensor, list[str]]:
-        scenes = draw_scenes(n, seed=seed * 7919 + next(counter))
+        call = next(counter)
+        scenes = singles(n) if call < single_steps else draw_scenes(n, seed=seed * 7919 + call)
         images = torch.stack(
             [
                 render(s, [split.train_images[rng.choice(by_digit[d])] for d, _ in s.slots])

@@ -125,24 +125,16 @@ def test_denoise_loop_eval_hook_sees_ema_weights_and_changes_nothing() -> None:
     assert any(not torch.equal(snapshots[2][k], hooked[k]) for k in hooked)
 
 
-def test_compose_curve_curriculum_draws_singles_first() -> None:
-    """evaluation/compose_curve.py: the first ``single_steps`` draws are single-digit scenes
-    whose prompts name the digit the rendered scan shows; later draws cycle all layouts."""
-    import importlib.util
-    from pathlib import Path
-
+def test_scene_sampler_curriculum_draws_singles_first() -> None:
+    """scene_sampler(single_steps=2) (evaluation/compose_curve.py's curriculum): the first two
+    draws are single-digit scenes whose prompts name one digit; later draws cycle all layouts."""
     from distillkit.data.digits import DIGIT_NAMES, load_digits_split
-
-    path = Path(__file__).resolve().parents[2] / "evaluation" / "compose_curve.py"
-    spec = importlib.util.spec_from_file_location("compose_curve", path)
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
 
     class Passthrough:  # latents = the rendered images, to read what was drawn
         def encode_images(self, images):
             return images
 
-    draw = curve.curriculum_sampler(Passthrough(), load_digits_split(), single_steps=2)
+    draw = C.scene_sampler(Passthrough(), load_digits_split(), seed=0, single_steps=2)
     for _ in range(2):
         images, prompts = draw(6)
         assert images.shape == (6, 3, 64, 64)
