@@ -3,10 +3,16 @@
 
 Same three stages as distillkit.benchmark.teachers (VAE, frozen text encoders after a short
 contrastive pretraining, the plain diffusion loss through the family adapter), with scenes in
-place of single digits: the text pretraining's positives are paraphrases of one scene ("A left
-of B" and "B right of A"), its negatives other scenes, so the frozen encoder separates colour,
-digit and order before the denoiser sees it; the denoiser draws fresh scenes from the training
-scans every step (no fixed set to memorise). Cached by spec hash like the plain teachers.
+place of single digits; the denoiser draws fresh scenes from the training scans every step (no
+fixed set to memorise). Cached by spec hash like the plain teachers.
+
+The text pretraining holds one supervised-contrastive loss per attribute: same scene (the
+paraphrases "A left of B" / "B right of A"), same layout, same digit and same colour in the
+first and in the last slot. With the scene loss alone (the first teacher) the frozen encoder
+separated scenes but the denoiser never learned which digit a prompt names: at 64 px on white single
+scenes it stayed at chance after 1,000 steps, where the plain teacher's digit-label loss on the
+same canvas reached 0.85 (evaluation/compose_curve.py, README "Compositional digits"). The
+tokenizers also get the scene words whole (``SCENE_WORDS``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from distillkit.benchmark.text_pretrain import (
 from distillkit.data.compose import (
     COLOURS,
     SCENE_SIZE,
+    SCENE_WORDS,
     TEMPLATES,
     Scene,
     build_scenes,
@@ -53,7 +60,7 @@ from distillkit.teachers.base import TeacherAdapter
 from distillkit.teachers.load import cache_root, checked_text_length
 from distillkit.teachers.tiny import TinySpec
 
-COMPOSE_VERSION = 1  # bump when this file changes what a spec produces
+COMPOSE_VERSION = 2  # bump when this file changes what a spec produces
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class ComposeSpec:
 
     base: TeacherSpec
     vae_scenes: int = 2048  # fixed rendered set the VAE trains on
-    text_scenes: int = 16  # scenes per contrastive step (two paraphrases each)
+    text_scenes: int = 32  # scenes per contrastive step (two paraphrases each)
 
     @property
     def family(self) -> str:
@@ -76,12 +83,17 @@ class ComposeSpec:
     def key(self) -> str:
         import hashlib
 
-        return hashlib.sha256(f"compose-v{COMPOSE_VERSION}-{self!r}".encode()).hexdigest()[:12]
+        text = f"compose-v{COMPOSE_VERSION}-{self!r}-words={self.base.arch.words}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _arch(family: str) -> TinySpec:
+    return TinySpec(family, **DIGITS_UNET, words=SCENE_WORDS)
 
 
 COMPOSE_SPECS: dict[str, ComposeSpec] = {
-    "sd15": ComposeSpec(TeacherSpec(TinySpec("sd15", **DIGITS_UNET), steps=3000, text_steps=80)),
-    "sdxl": ComposeSpec(TeacherSpec(TinySpec("sdxl", **DIGITS_UNET), steps=3000, text_steps=80)),
+    "sd15": ComposeSpec(TeacherSpec(_arch("sd15"), steps=3000, text_steps=80)),
+    "sdxl": ComposeSpec(TeacherSpec(_arch("sdxl"), steps=3000, text_steps=80)),
 }
 
 
@@ -93,23 +105,46 @@ def get_compose_spec(family: str, quick: bool = False) -> ComposeSpec:
     return COMPOSE_SPECS[family].quick() if quick else COMPOSE_SPECS[family]
 
 
+def attribute_labels(scenes: list[Scene]) -> list[Tensor]:
+    """One label per scene for each attribute: the whole scene, the layout, and the digit and
+    the colour of the first and of the last slot in reading order (a single scene's only slot
+    is both). Equal values share a label, so two draws of one scene are never negatives."""
+    keys = (
+        lambda s: (s.layout, s.slots),
+        lambda s: s.layout,
+        lambda s: s.slots[0][0],
+        lambda s: s.slots[-1][0],
+        lambda s: s.slots[0][1],
+        lambda s: s.slots[-1][1],
+    )
+    out = []
+    for key in keys:
+        ids: dict = {}
+        out.append(torch.tensor([ids.setdefault(key(s), len(ids)) for s in scenes]))
+    return out
+
+
 def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec) -> dict:
-    """Supervised-contrastive steps where two templates of one scene are the positives."""
+    """Supervised-contrastive steps on every template of each scene, one loss per attribute
+    (see :func:`attribute_labels`): each template of a scene is a positive of the others."""
     base = spec.base
     encoders = text_encoders(adapter)
     params = [p for m in encoders for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=base.text_lr, weight_decay=0.0)
-    labels = torch.arange(spec.text_scenes).repeat_interleave(2)
     for m in encoders:
         m.requires_grad_(True).train()
     losses = []
     for step in range(base.text_steps):
         scenes = draw_scenes(spec.text_scenes, seed=base.seed * 1000 + step)
+        per_scene = [len(TEMPLATES[s.layout]) for s in scenes]
         prompts = [
-            replace(s, template=j).prompt() for s in scenes for j in range(len(TEMPLATES[s.layout]))
+            replace(s, template=j).prompt() for s, n in zip(scenes, per_scene) for j in range(n)
+        ]
+        labels = [
+            lab.repeat_interleave(torch.tensor(per_scene)) for lab in attribute_labels(scenes)
         ]
         cond, _ = adapter.encode_prompts(prompts)
-        loss = sum(supervised_contrastive(f, labels) for f in pooled_outputs(cond))
+        loss = sum(supervised_contrastive(f, y) for f in pooled_outputs(cond) for y in labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -81,6 +81,9 @@ class TinySpec:
     dit_head_dim: int = 8
     dit_layers: int = 1
     guidance_embeds: bool = True  # flux: FLUX.1-dev's guidance input (False: schnell's layout)
+    # whole-word tokens beyond tiny_text.WORDS (compositional digits: colour and place words).
+    # Out of the repr, so the older specs' cache keys stay; a spec that sets it keys it itself
+    words: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -173,7 +176,7 @@ def _vae_kl(spec: TinySpec, scaling_factor: float, **extra) -> AutoencoderKL:
 
 
 def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
-    tok, h = clip_tokenizer(), spec.text_hidden
+    tok, h = clip_tokenizer(words=spec.words), spec.text_hidden
     text_cfg = clip_text_config(tok, h, spec.text_layers)
     return StableDiffusionPipeline(
         text_encoder=_seeded(spec.seed, 1, lambda: CLIPTextModel(text_cfg)),
@@ -188,7 +191,8 @@ def _build_sd15(spec: TinySpec) -> StableDiffusionPipeline:
 
 
 def _build_sdxl(spec: TinySpec) -> StableDiffusionXLPipeline:
-    tok, tok_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")  # real tokenizer_2 pads "!"
+    tok = clip_tokenizer(words=spec.words)
+    tok_2 = clip_tokenizer(pad_token="!", words=spec.words)  # real tokenizer_2 pads "!"
     h1, h2 = spec.text_hidden, 2 * spec.text_hidden
     layers = spec.text_layers
     cfg_1 = clip_text_config(tok, h1, layers)
@@ -240,7 +244,7 @@ def _vae_dc(spec: TinySpec) -> AutoencoderDC:
 
 
 def _build_sana(spec: TinySpec) -> SanaPipeline:
-    tok, h = gemma_tokenizer(), spec.text_hidden
+    tok, h = gemma_tokenizer(spec.words), spec.text_hidden
     return SanaPipeline(
         tokenizer=tok,
         text_encoder=_seeded(spec.seed, 1, lambda: gemma_model(tok, h, spec.text_layers)),

@@ -64,7 +64,9 @@ def _sd3_transformer(spec: TinySpec, joint_dim: int, pooled_dim: int) -> SD3Tran
 
 
 def _build_sd3(spec: TinySpec) -> StableDiffusion3Pipeline:
-    tok, tok_2, tok_3 = clip_tokenizer(), clip_tokenizer(pad_token="!"), t5_tokenizer()
+    words = spec.words
+    tok, tok_3 = clip_tokenizer(words=words), t5_tokenizer(words)
+    tok_2 = clip_tokenizer(pad_token="!", words=words)
     h1, h2, h3, layers = (
         spec.text_hidden,
         2 * spec.text_hidden,
@@ -105,7 +107,7 @@ def _flux_transformer(spec: TinySpec, joint_dim: int, pooled_dim: int) -> FluxTr
 
 
 def _build_flux(spec: TinySpec) -> FluxPipeline:
-    tok, tok_2 = clip_tokenizer(), t5_tokenizer()
+    tok, tok_2 = clip_tokenizer(words=spec.words), t5_tokenizer(spec.words)
     h1, h2, layers = spec.text_hidden, 4 * spec.text_hidden, spec.text_layers
     cfg_1 = clip_text_config(tok, h1, layers)
     return FluxPipeline(

@@ -47,10 +47,16 @@ def _merge_vocab(base: list[str], merges: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """Byte-level BPE: 256 byte symbols (+ end-of-word forms), word merges, specials last."""
+def _words(extra: tuple[str, ...]) -> tuple[str, ...]:
+    """The whole-word vocabulary: ``WORDS``, then a teacher's own extra words (unchanged ids)."""
+    return tuple(dict.fromkeys(WORDS + tuple(extra)))
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>", words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    """Byte-level BPE: 256 byte symbols (+ end-of-word forms), word merges, specials last;
+    ``words``: whole-word tokens beyond ``WORDS`` (e.g. the compositional scenes' colours)."""
     alphabet = sorted(ByteLevel.alphabet())
-    merges = _chain_merges([[*w[:-1], w[-1] + "</w>"] for w in WORDS if len(w) > 1])
+    merges = _chain_merges([[*w[:-1], w[-1] + "</w>"] for w in _words(words) if len(w) > 1])
     tokens = _merge_vocab(alphabet + [c + "</w>" for c in alphabet], merges)
     tokens += ["<|startoftext|>", "<|endoftext|>"]  # last ids, as in the real CLIP vocab
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -59,12 +65,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     )
 
 
-def gemma_tokenizer() -> GemmaTokenizer:
+def gemma_tokenizer(words: tuple[str, ...] = ()) -> GemmaTokenizer:
     """Gemma-style BPE: specials, 256 byte-fallback tokens, printable characters, word merges."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     chars = ["▁", "\n"] + [chr(i) for i in range(33, 127)]
-    merges = _chain_merges([["▁", *w] for w in WORDS])
+    merges = _chain_merges([["▁", *w] for w in _words(words)])
     tokens = _merge_vocab(specials + byte_tokens + chars, merges)
     vocab = {t: i for i, t in enumerate(tokens)}
     return GemmaTokenizer(
@@ -72,11 +78,11 @@ def gemma_tokenizer() -> GemmaTokenizer:
     )
 
 
-def t5_tokenizer() -> T5Tokenizer:
+def t5_tokenizer(words: tuple[str, ...] = ()) -> T5Tokenizer:
     """T5's Unigram tokenizer with its special ids (pad 0, eos 1, unk 2), word pieces scored
     above single characters so digit prompts tokenize to words."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in WORDS]
+    pieces += [("▁" + w, -1.0) for w in _words(words)]
     pieces += [(chr(i), -5.0) for i in range(33, 127)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LEN)
 

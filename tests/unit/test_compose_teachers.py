@@ -143,3 +143,41 @@ def test_scene_sampler_curriculum_draws_singles_first() -> None:
     _, prompts = draw(6)
     assert any("left" in p or "right" in p for p in prompts)
     assert any("above" in p or "below" in p for p in prompts)
+
+
+def test_attribute_labels_group_equal_values() -> None:
+    """One label list per attribute: equal scenes share a label (never each other's negatives),
+    a single scene's only slot is both its first and its last."""
+    scenes = [
+        C.Scene("single", ((3, "red"),)),
+        C.Scene("left", ((3, "blue"), (7, "red"))),
+        C.Scene("single", ((3, "red"),), template=1),
+        C.Scene("above", ((5, "red"), (3, "blue"))),
+    ]
+    got = [lab.tolist() for lab in C.attribute_labels(scenes)]
+    assert got == [
+        [0, 1, 0, 2],  # scene
+        [0, 1, 0, 2],  # layout
+        [0, 0, 0, 1],  # first digit: 3 3 3 5
+        [0, 1, 0, 0],  # last digit: 3 7 3 3
+        [0, 1, 0, 0],  # first colour
+        [0, 0, 0, 1],  # last colour
+    ]
+
+
+def test_compose_tokenizers_keep_scene_words_whole() -> None:
+    """The compose teachers' tokenizers have the scene words as whole tokens (every family's
+    tokenizer kind); the words key the compose spec and leave the plain specs' keys alone."""
+    from distillkit.data.compose import SCENE_WORDS
+    from distillkit.teachers.tiny_text import clip_tokenizer, gemma_tokenizer, t5_tokenizer
+
+    prompt = "a red three to the left of a blue seven"  # ten words
+    for build in (clip_tokenizer, gemma_tokenizer, t5_tokenizer):
+        words = build(words=SCENE_WORDS).tokenize(prompt)
+        assert len(words) == 10 and len(build().tokenize(prompt)) > 17, (build, words)
+    spec = C.get_compose_spec("sd15")
+    pipe = C.build_untrained(C.get_compose_spec("sd15", quick=True).base, resolution=64)
+    assert len(pipe.tokenizer.tokenize(prompt)) == 10
+    assert "words" not in repr(spec.base.arch)  # the plain teachers' cache keys stay
+    no_words = C.replace(spec, base=C.replace(spec.base, arch=C.replace(spec.base.arch, words=())))
+    assert no_words.key() != spec.key()
