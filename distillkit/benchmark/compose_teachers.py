@@ -11,7 +11,7 @@ paraphrases "A left of B" / "B right of A"), same layout, same digit and same co
 first and in the last slot. With the scene loss alone (the first teacher) the frozen encoder
 separated scenes but the denoiser never learned which digit a prompt names: at 64 px on white single
 scenes it stayed at chance after 1,000 steps, where the plain teacher's digit-label loss on the
-same canvas reached 0.85 (evaluation/compose_curve.py, README "Compositional digits"). The
+same canvas reached 0.85 (digits_compose/text_vs_canvas.json, README "Compositional digits"). The
 tokenizers also get the scene words whole (``SCENE_WORDS``).
 """
 

@@ -36,8 +36,8 @@ SLOTS: dict[str, tuple[tuple[int, int], ...]] = {
     "above": ((0, 16), (32, 16)),
 }
 # whole-word tokens a tiny teacher's tokenizers add for these prompts (real tokenizers have them;
-# spelled out letter by letter, "red" and "left" are five or more tokens a 2-layer encoder must
-# assemble before the denoiser can read them)
+# spelled out letter by letter, "red" is three tokens, "left" four, "yellow" six, which a 2-layer
+# encoder must assemble before the denoiser can read them)
 SCENE_WORDS = (*COLOURS, "white", "to", "left", "right", "above", "below")
 # {a}: the first slot in reading order (left, top), {b}: the second; e.g. "red three"
 TEMPLATES: dict[str, tuple[str, ...]] = {

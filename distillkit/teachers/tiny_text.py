@@ -48,7 +48,7 @@ def _merge_vocab(base: list[str], merges: list[tuple[str, str]]) -> list[str]:
 
 
 def _words(extra: tuple[str, ...]) -> tuple[str, ...]:
-    """The whole-word vocabulary: ``WORDS``, then a teacher's own extra words (unchanged ids)."""
+    """The whole-word vocabulary: ``WORDS``, then a teacher's own extra words (ids may move)."""
     return tuple(dict.fromkeys(WORDS + tuple(extra)))
 
 
