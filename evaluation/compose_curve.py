@@ -11,6 +11,7 @@ next teacher spec can be chosen from a curve instead of one end point. Nothing i
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -27,8 +28,8 @@ from distillkit.benchmark.compose_teachers import (
 )
 from distillkit.benchmark.provenance import git_commit, machine
 from distillkit.benchmark.teachers import build_untrained, denoise_loop, train_vae
-from distillkit.data.compose import COLOURS, SCENE_SIZE, Scene, build_scenes
-from distillkit.data.digits import load_digits_split
+from distillkit.data.compose import COLOURS, SCENE_SIZE, TEMPLATES, Scene, build_scenes
+from distillkit.data.digits import DIGIT_NAMES, load_digits_split
 from distillkit.evaluation.compose_judge import read_scenes
 from distillkit.evaluation.digits_eval import load_judge
 from distillkit.evaluation.generate import generate_images
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1500, help="denoiser steps in all")
     p.add_argument("--single-steps", type=int, default=0, help="curriculum: singles first")
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument(
+        "--train-text", action="store_true", help="text encoders learn with the denoiser"
+    )
     p.add_argument("--scenes", type=int, default=150, help="evaluation scenes (layouts cycle)")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument(
@@ -52,12 +56,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="experiment: white ink only, colour from canvas size apart (read digit rates)",
     )
+    p.add_argument(
+        "--digit-first",
+        action="store_true",
+        help="experiment: name each slot digit first ('a three red'), for the causal encoder",
+    )
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="experiment: replace a TinySpec field, e.g. latent_channels=8 (repeatable)",
+    )
+    p.add_argument("--save", type=Path, default=None, help="save the final pipeline here")
     args = p.parse_args(argv)
     white = "_white" if args.white else ""
-    name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}.json"
+    joint = ("_jointtext" if args.train_text else "") + ("_digitfirst" if args.digit_first else "")
+    arch = "".join(f"_{a.replace('=', '')}" for a in args.arch)
+    name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}{joint}{arch}.json"
     args.out = args.out or ROOT / "evaluation" / "results" / "digits_compose" / name
     return args
+
+
+def _field(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    return name, ast.literal_eval(value)
+
+
+def _digit_first_prompt(scene: Scene) -> str:
+    names = [f"{DIGIT_NAMES[digit]} {colour}" for digit, colour in scene.slots]
+    templates = TEMPLATES[scene.layout]
+    return templates[scene.template % len(templates)].format(a=names[0], b=names[-1])
 
 
 def per_layout(images: torch.Tensor, scenes: list[Scene], judge) -> dict[str, dict[str, float]]:
@@ -76,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.white:  # the palette every scene, prompt and slot reading draws from
         COLOURS.clear()
         COLOURS["white"] = (1.0, 1.0, 1.0)
+    if args.digit_first:  # every prompt the loop trains on and the evaluation asks for
+        Scene.prompt = _digit_first_prompt
     spec = get_compose_spec(args.family)
-    base = replace(spec.base, steps=args.steps)
+    arch = replace(spec.base.arch, **dict(_field(a) for a in args.arch))
+    base = replace(spec.base, arch=arch, steps=args.steps)
     judge, judge_split = load_judge()
     split = load_digits_split()
     _, eval_scenes = build_scenes(judge_split, args.scenes, seed=2026, heldout=True)
@@ -88,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python evaluation/compose_curve.py " + " ".join(argv or sys.argv[1:]),
         "spec": repr(replace(spec, base=base)),
         "single_steps": args.single_steps,
+        "train_text": args.train_text,
+        "digit_first": args.digit_first,
         "palette": dict(COLOURS),
         "evaluation": {"scenes": args.scenes, "steps": 25, "guidance": args.guidance},
         "curve": [],
@@ -119,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     draw = scene_sampler(adapter, split, base.seed, single_steps=args.single_steps)
-    result |= denoise_loop(adapter, base, gen, draw, evaluate, args.eval_every)
+    result |= denoise_loop(
+        adapter, base, gen, draw, evaluate, args.eval_every, train_text=args.train_text
+    )
     result["train_seconds"] = round(time.perf_counter() - began, 1)
+    if args.save is not None:
+        pipe.save_pretrained(args.save, safe_serialization=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

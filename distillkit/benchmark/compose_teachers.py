@@ -12,7 +12,10 @@ first and in the last slot. With the scene loss alone (the first teacher) the fr
 separated scenes but the denoiser never learned which digit a prompt names: at 64 px on white single
 scenes it stayed at chance after 1,000 steps, where the plain teacher's digit-label loss on the
 same canvas reached 0.85 (digits_compose/text_vs_canvas.json, README "Compositional digits"). The
-tokenizers also get the scene words whole (``SCENE_WORDS``).
+tokenizers also get the scene words whole (``SCENE_WORDS``). Spec v3 drops the batch centring
+of those losses: centred, the six of them let the part every prompt shares grow until a swapped
+digit word moved the token states 3 % of their scale, less than before pretraining
+(digits_compose/text_token_spread.json).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from distillkit.teachers.base import TeacherAdapter
 from distillkit.teachers.load import cache_root, checked_text_length
 from distillkit.teachers.tiny import TinySpec
 
-COMPOSE_VERSION = 2  # bump when this file changes what a spec produces
+COMPOSE_VERSION = 3  # bump when this file changes what a spec produces
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,11 @@ def attribute_labels(scenes: list[Scene]) -> list[Tensor]:
     return out
 
 
-def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec) -> dict:
+def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec, centre: bool = False) -> dict:
     """Supervised-contrastive steps on every template of each scene, one loss per attribute
-    (see :func:`attribute_labels`): each template of a scene is a positive of the others."""
+    (see :func:`attribute_labels`): each template of a scene is a positive of the others.
+    Uncentred (``centre=True`` is spec v2's, for evaluation/compose_text_probe.py): see
+    :func:`supervised_contrastive`."""
     base = spec.base
     encoders = text_encoders(adapter)
     params = [p for m in encoders for p in m.parameters()]
@@ -144,7 +149,8 @@ def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec) -> dict:
             lab.repeat_interleave(torch.tensor(per_scene)) for lab in attribute_labels(scenes)
         ]
         cond, _ = adapter.encode_prompts(prompts)
-        loss = sum(supervised_contrastive(f, y) for f in pooled_outputs(cond) for y in labels)
+        features = pooled_outputs(cond)
+        loss = sum(supervised_contrastive(f, y, centre=centre) for f in features for y in labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -30,7 +30,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
-from distillkit.benchmark.text_pretrain import pretrain_text
+from distillkit.benchmark.text_pretrain import pretrain_text, text_encoders
 from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for
 from distillkit.errors import ConfigError
 from distillkit.export.pipeline import EXPORT_META, PROMPT_CALL_KWARGS
@@ -212,14 +212,21 @@ def denoise_loop(
     draw,
     on_eval: Callable[[int], None] | None = None,
     eval_every: int = 0,
+    train_text: bool = False,
 ) -> dict:
     """The plain diffusion loss in the adapter's own parameterization, with EMA weights;
     ``draw(n)`` gives a batch of clean latents and their prompts. ``on_eval(step)``, every
     ``eval_every`` steps, sees the EMA weights in the network (a learning curve for teacher
-    experiments); it runs under a forked RNG, so the trained weights do not depend on it."""
+    experiments); it runs under a forked RNG, so the trained weights do not depend on it.
+    ``train_text`` trains the text encoders with the denoiser (uncached prompts, EMA on both):
+    an experiment (compose_curve.py ``--train-text``); no teacher spec uses it."""
     net = adapter.denoiser
     net.requires_grad_(True).train()
     params = [p for p in net.parameters() if p.requires_grad]
+    encoders = text_encoders(adapter) if train_text else []
+    for m in encoders:
+        m.requires_grad_(True).train()
+        params += list(m.parameters())
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup, spec.steps)
     ema = EMAModel(params, decay=spec.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -227,7 +234,11 @@ def denoise_loop(
     for step in range(spec.steps):
         x0, prompts = draw(spec.batch_size)
         drop = torch.rand(spec.batch_size, generator=gen) < spec.prompt_dropout
-        kwargs = _mix(adapter.encode(prompts), drop)
+        if train_text:  # through the encoders' autograd graph, never the embedding cache
+            cond = Conditioning(*adapter.encode_prompts(prompts))
+        else:
+            cond = adapter.encode(prompts)
+        kwargs = _mix(cond, drop)
         t = adapter.sample_t(spec.batch_size, gen)
         noise = torch.randn(x0.shape, generator=gen)
         out = adapter.forward(net, adapter.add_noise(x0, noise, t), t, kwargs)
@@ -244,13 +255,17 @@ def denoise_loop(
         if on_eval is not None and eval_every and (step + 1) % eval_every == 0:
             ema.store(params)
             ema.copy_to(params)
-            net.eval()
+            for m in (net, *encoders):
+                m.eval()
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 on_eval(step + 1)
+            adapter._cache.clear()  # embeddings of the EMA encoders, not the trained ones
             ema.restore(params)
-            net.train()
+            for m in (net, *encoders):
+                m.train()
     ema.copy_to(params)
-    net.requires_grad_(False).eval()
+    for m in (net, *encoders):
+        m.requires_grad_(False).eval()
     return {"loss_first": _window(losses, False), "loss_final": _window(losses, True)}
 
 

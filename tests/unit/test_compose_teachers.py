@@ -125,6 +125,40 @@ def test_denoise_loop_eval_hook_sees_ema_weights_and_changes_nothing() -> None:
     assert any(not torch.equal(snapshots[2][k], hooked[k]) for k in hooked)
 
 
+def test_denoise_loop_train_text_trains_the_encoders_and_leaves_no_stale_embeddings() -> None:
+    """``train_text``: the diffusion loss reaches the text encoder (its weights move; without
+    the flag they stay bit-identical), the encoders end frozen in eval mode, and what a hook
+    cached mid-run (the EMA encoder of then) is not what ``encode`` returns afterwards."""
+    from dataclasses import replace
+
+    from distillkit.benchmark.teachers import build_untrained, denoise_loop
+    from distillkit.registry import get_family
+
+    spec = replace(C.get_compose_spec("sd15", quick=True).base, steps=4, batch_size=2, warmup=1)
+
+    def train(train_text: bool):
+        torch.manual_seed(0)
+        adapter = get_family("sd15")(build_untrained(spec), 32, torch.device("cpu"))
+        encoder = adapter.pipe.text_encoder
+        before = {k: v.clone() for k, v in encoder.state_dict().items()}
+        latents = torch.randn((2, *adapter.latent_shape()), generator=torch.Generator())
+        draw = lambda n: (latents, ["a one", "a two"])  # noqa: E731
+        hook = lambda step: adapter.encode(["a one"])  # noqa: E731
+        gen = torch.Generator().manual_seed(2)
+        denoise_loop(adapter, spec, gen, draw, hook, eval_every=2, train_text=train_text)
+        moved = [k for k, v in encoder.state_dict().items() if not torch.equal(v, before[k])]
+        return adapter, encoder, moved
+
+    _, _, moved = train(False)
+    assert moved == []
+    adapter, encoder, moved = train(True)
+    assert any("layers" in k for k in moved), moved
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    fresh, _ = adapter.encode_prompts(["a one"])
+    cached = adapter.encode(["a one"]).cond
+    assert torch.equal(cached["encoder_hidden_states"], fresh["encoder_hidden_states"])
+
+
 def test_scene_sampler_curriculum_draws_singles_first() -> None:
     """scene_sampler(single_steps=2) (evaluation/compose_curve.py's curriculum): the first two
     draws are single-digit scenes whose prompts name one digit; later draws cycle all layouts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,19 @@ def test_supervised_contrastive_prefers_label_clusters() -> None:
     clustered = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, 0.1]])
     mixed = clustered[[0, 2, 1, 3]]
     assert supervised_contrastive(clustered, labels) < supervised_contrastive(mixed, labels)
+
+
+def test_uncentred_contrastive_charges_for_a_shared_offset() -> None:
+    """Clusters riding on a large offset every feature shares: centring removes the offset (a
+    low loss); uncentred, the features are nearly parallel, so each sample's softmax over the
+    other N - 1 is nearly uniform: the loss is log(N - 1), the known answer, minus a little."""
+    labels = torch.tensor([0, 0, 1, 1])
+    signal = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, 0.1]])
+    features = torch.cat([signal * 1e-3, torch.full((4, 1), 10.0)], dim=1)
+    centred = supervised_contrastive(features, labels)
+    uncentred = supervised_contrastive(features, labels, centre=False)
+    assert centred < 0.1
+    assert abs(uncentred.item() - math.log(3)) < 1e-3
 
 
 @pytest.mark.parametrize("family", sorted(T.SPECS))
