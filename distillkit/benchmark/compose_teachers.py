@@ -15,7 +15,8 @@ same canvas reached 0.85 (digits_compose/text_vs_canvas.json, README "Compositio
 tokenizers also get the scene words whole (``SCENE_WORDS``). Spec v3 drops the batch centring
 of those losses: centred, the six of them let the part every prompt shares grow until a swapped
 digit word moved the token states 3 % of their scale, less than before pretraining
-(digits_compose/text_token_spread.json).
+(digits_compose/text_token_spread.json). With v3, white-ink single scenes read the digit 0.98
+after 1,000 denoiser steps; coloured ones learn it about three times slower (README).
 """
 
 from __future__ import annotations
