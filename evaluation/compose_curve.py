@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="experiment: name each slot digit first ('a three red'), for the causal encoder",
     )
+    p.add_argument(
+        "--white-steps",
+        type=int,
+        default=0,
+        help="experiment: white ink for the first N steps (VAE and text see white too)",
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument(
         "--arch",
@@ -72,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save", type=Path, default=None, help="save the final pipeline here")
     args = p.parse_args(argv)
     white = "_white" if args.white else ""
+    white += f"_whitefirst{args.white_steps}" if args.white_steps else ""
     joint = ("_jointtext" if args.train_text else "") + ("_digitfirst" if args.digit_first else "")
     arch = "".join(f"_{a.replace('=', '')}" for a in args.arch)
     name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}{joint}{arch}.json"
@@ -123,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         "single_steps": args.single_steps,
         "train_text": args.train_text,
         "digit_first": args.digit_first,
+        "white_steps": args.white_steps,
         "palette": dict(COLOURS),
         "evaluation": {"scenes": args.scenes, "steps": 25, "guidance": args.guidance},
         "curve": [],
     }
+    palette = dict(COLOURS)
+    if args.white_steps:  # white joins the palette for the VAE and the text pretraining
+        COLOURS["white"] = (1.0, 1.0, 1.0)
     torch.manual_seed(base.seed)
     gen = torch.Generator().manual_seed(base.seed)
     pipe = build_untrained(base, resolution=SCENE_SIZE)
@@ -153,7 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         result["curve"].append(point)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    draw = scene_sampler(adapter, split, base.seed, single_steps=args.single_steps)
+    sampler = scene_sampler(adapter, split, base.seed, single_steps=args.single_steps)
+    calls = iter(range(1 << 62))
+
+    def draw(n: int):
+        """White ink only for the first ``--white-steps`` calls, then the palette alone (the
+        slot judge reads colours from COLOURS: an evaluation in the white phase reads 0)."""
+        call = next(calls)
+        if args.white_steps and call in (0, args.white_steps):
+            COLOURS.clear()
+            COLOURS.update({"white": (1.0, 1.0, 1.0)} if call == 0 else palette)
+        return sampler(n)
+
     result |= denoise_loop(
         adapter, base, gen, draw, evaluate, args.eval_every, train_text=args.train_text
     )
