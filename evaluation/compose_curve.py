@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": {"scenes": args.scenes, "steps": 25, "guidance": args.guidance},
         "curve": [],
     }
-    palette = dict(COLOURS)
+    palette = result["palette"]
     if args.white_steps:  # white joins the palette for the VAE and the text pretraining
         COLOURS["white"] = (1.0, 1.0, 1.0)
     torch.manual_seed(base.seed)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def draw(n: int):
         """White ink only for the first ``--white-steps`` calls, then the palette alone (the
-        slot judge reads colours from COLOURS: an evaluation in the white phase reads 0)."""
+        slot judge keeps the palette it was imported with, so it always reads these colours)."""
         call = next(calls)
         if args.white_steps and call in (0, args.white_steps):
             COLOURS.clear()

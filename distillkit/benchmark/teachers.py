@@ -259,7 +259,8 @@ def denoise_loop(
                 m.eval()
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 on_eval(step + 1)
-            adapter._cache.clear()  # embeddings of the EMA encoders, not the trained ones
+            if encoders:  # the hook cached the EMA encoders' embeddings
+                adapter.forget_embeddings()
             ema.restore(params)
             for m in (net, *encoders):
                 m.train()

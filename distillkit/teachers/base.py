@@ -299,6 +299,11 @@ class TeacherAdapter:
             if isinstance(module, nn.Module):
                 module.to("cpu")
 
+    def forget_embeddings(self) -> None:
+        """Drop the per-prompt cache of :meth:`encode`: call it when the text encoders' weights
+        change (a teacher that trains them), or it returns the old encoders' embeddings."""
+        self._cache.clear()
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """Frozen text encoders: cache per prompt so repeated prompts cost nothing."""
