@@ -18,7 +18,7 @@ from distillkit.errors import ConfigError
 from distillkit.registry import recipe_config_union
 from distillkit.schema import Strict
 
-Family = Literal["sd15", "sdxl", "sana", "sd3", "flux"]
+Family = Literal["sd15", "sdxl", "sana", "sd3", "flux", "zimage"]
 Precision = Literal["no", "fp16", "bf16"]
 
 

@@ -22,7 +22,7 @@ from distillkit.registry import get_family
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FAMILY_NAMES = {
     "sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sana": "SANA",
-    "sd3": "Stable Diffusion 3", "flux": "FLUX.1",
+    "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "zimage": "Z-Image",
 }  # fmt: skip
 _LORA_FILE = "pytorch_lora_weights.safetensors"
 

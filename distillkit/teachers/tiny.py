@@ -15,6 +15,8 @@ Calling the saved pipelines at small sizes:
   rendering 1024 px. The default ``complex_human_instruction`` (~900 tokens with our mostly
   character-level Gemma tokenizer) is prepended to every prompt; ``model_max_length`` and
   Gemma's ``max_position_embeddings`` (2048) cover it plus ``max_sequence_length=300``.
+- ``zimage``: pass an explicit ``height``/``width`` (ZImagePipeline defaults to 1024 px; its
+  transformer has no ``sample_size``); ``guidance_scale=s`` is CFG w = s + 1.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from distillkit.teachers.tiny_text import (
     gemma_tokenizer,
 )
 
-FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")
+FAMILIES = ("sd15", "sdxl", "sana", "sd3", "flux")  # those with digits teachers (`teach`)
+SMOKE_ONLY = ("zimage",)  # tiny teachers for --smoke and tests, no digits teacher yet
 UNET_FAMILIES = ("sd15", "sdxl")
-PATCH_FAMILIES = ("sd3", "flux")  # 2x2 latent patches (SD3 patchifies, FLUX packs)
+# 2x2 latent patches (SD3 and Z-Image patchify, FLUX packs)
+PATCH_FAMILIES = ("sd3", "flux", "zimage")
 M = TypeVar("M", bound=torch.nn.Module)
 
 # Scheduler values of the real SD1.5 / SDXL checkpoints (scheduler_config.json).
@@ -77,7 +81,7 @@ class TinySpec:
     text_layers: int = 2  # >= 2: SDXL reads hidden_states[-2]
     vae_channels: int = 16  # width of every VAE block
     addition_time_embed_dim: int = 8  # sdxl micro-conditioning (real: 256)
-    dit_heads: int = 2  # transformer families (sana, sd3, flux)
+    dit_heads: int = 2  # transformer families (sana, sd3, flux, zimage)
     dit_head_dim: int = 8
     dit_layers: int = 1
     guidance_embeds: bool = True  # flux: FLUX.1-dev's guidance input (False: schnell's layout)
@@ -86,8 +90,9 @@ class TinySpec:
     words: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        known = FAMILIES + SMOKE_ONLY
+        if self.family not in known:
+            raise ValueError(f"family must be one of {known}, got {self.family!r}")
         d = self.vae_downsample
         if d < 1 or d & (d - 1):
             raise ValueError(f"vae_downsample must be a power of 2 >= 1, got {d}")
@@ -259,6 +264,10 @@ _BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl, "sana": _build_sana}
 
 def build_tiny_pipeline(spec: TinySpec) -> DiffusionPipeline:
     """Build the family's diffusers pipeline with tiny random weights (same seed, same weights)."""
+    if spec.family == "zimage":
+        from distillkit.teachers.tiny_zimage import build_zimage  # builds on this module's parts
+
+        return build_zimage(spec)
     if spec.family in PATCH_FAMILIES:
         from distillkit.teachers.tiny_mmdit import BUILDERS  # they build on this module's parts
 

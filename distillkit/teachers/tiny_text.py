@@ -1,9 +1,9 @@
-"""Tiny tokenizers and text encoders of the real kinds (CLIP, Gemma2, T5), built offline.
+"""Tiny tokenizers and text encoders of the real kinds (CLIP, Gemma2, T5, Qwen3), built offline.
 
 The tokenizers are the real classes over small vocabularies: whole-word tokens for the words
-digit prompts use, and every other string still tokenizes (bytes for CLIP, characters or byte
-fallback for Gemma, characters or ``<unk>`` for T5). Text models take their vocabulary size
-and special ids from the tokenizer, so padding and pooling behave as in the real encoders.
+digit prompts use, and every other string still tokenizes (bytes for CLIP and Qwen, characters
+or byte fallback for Gemma, characters or ``<unk>`` for T5). Text models take their vocabulary
+size and special ids from the tokenizer, so padding and pooling behave as in the real encoders.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -140,3 +143,51 @@ def t5_encoder(tok: T5Tokenizer, d_model: int, layers: int) -> T5EncoderModel:
         decoder_start_token_id=tok.pad_token_id,
     )
     return T5EncoderModel(cfg)
+
+
+QWEN_MAX_LEN = 1024  # >= Z-Image's max_sequence_length (512) plus its chat-template tokens
+# Qwen3's chat template, reduced to what text-to-image pipelines render: ChatML turns, the
+# assistant prompt, and the empty think block that ``enable_thinking=False`` adds
+QWEN_CHAT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def qwen_tokenizer(words: tuple[str, ...] = ()) -> Qwen2Tokenizer:
+    """Qwen's byte-level BPE (GPT-2 style: a leading space is 'Ġ'): 256 byte symbols, merges
+    that make each space-led word one token, the ChatML specials last (pad <|endoftext|>, eos
+    <|im_end|>, as in Qwen3's tokenizer) and the chat template the pipelines render."""
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = _chain_merges([["Ġ", *w] for w in _words(words)])
+    tokens = [*_merge_vocab(alphabet, merges), "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return Qwen2Tokenizer(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=QWEN_CHAT_TEMPLATE,
+        model_max_length=QWEN_MAX_LEN,
+    )
+
+
+def qwen3_model(tok: Qwen2Tokenizer, hidden: int, layers: int) -> Qwen3Model:
+    """Qwen3's layout (grouped-query attention, per-head q/k RMS norm) at toy width."""
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=QWEN_MAX_LEN,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return Qwen3Model(cfg)

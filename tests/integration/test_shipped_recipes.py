@@ -26,7 +26,7 @@ SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 FAST = ["logging.progress_bar=false", "logging.sample_every=0", "logging.report=false"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
              "sana": "SanaPipeline", "sd3": "StableDiffusion3Pipeline",
-             "flux": "FluxPipeline"}  # fmt: skip
+             "flux": "FluxPipeline", "zimage": "ZImagePipeline"}  # fmt: skip
 SCHEDULER = {"sd15": "LCMScheduler", "sdxl": "LCMScheduler"}  # the flow families: FlowMatchLCM
 
 

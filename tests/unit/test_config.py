@@ -29,10 +29,18 @@ def test_every_shipped_yaml_validates(path):
     assert cfg.teacher.family in path.stem or "digits" in str(path)
 
 
+# cards whose Hub commit could not be verified where they were written: each says so itself
+UNPINNED = {"z_image"}
+
+
 def test_teacher_cards_pin_a_revision():
+    families = ("sd15", "sdxl", "sana", "sd3", "flux", "zimage")
     for card in (REPO / "teachers").glob("*.yaml"):
         data = yaml.safe_load(card.read_text())
-        assert data["model_id"] and data["family"] in ("sd15", "sdxl", "sana", "sd3", "flux")
+        assert data["model_id"] and data["family"] in families
+        if card.stem in UNPINNED:
+            assert data["revision"] is None and "NOT PINNED" in card.read_text(), card
+            continue
         assert len(str(data["revision"])) == 40, f"{card} should pin a commit"
 
 
