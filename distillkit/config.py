@@ -139,10 +139,14 @@ class DatasetSource(Strict):
 
 
 class DataConfig(Strict):
-    prompts: str | None = Field(None, description=".txt / .jsonl / .csv file, or 'digits'")
+    prompts: str | None = Field(
+        None, description=".txt / .jsonl / .csv file, 'digits' or 'digits-compose'"
+    )
     prompt_column: str = "text"
     images: str | None = Field(
-        None, description="folder of real images, 'digits' or 'digits:<style>' (bold, slant)"
+        None,
+        description="folder of real images, 'digits', 'digits:<style>' (bold, slant) or "
+        "'digits-compose'",
     )
     prompts_dataset: DatasetSource | None = Field(None, description="prompts via `datasets`")
     images_dataset: DatasetSource | None = Field(None, description="image-text pairs via datasets")

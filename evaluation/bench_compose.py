@@ -22,10 +22,13 @@ KEYS = ("all_correct", "digit", "colour", "binding", "position", "count", "fd", 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", nargs="+", default=["sd15"])
+    p.add_argument("--families", nargs="*", default=["sd15"], help="none: students only")
     p.add_argument("--scenes", type=int, default=600)
     p.add_argument("--sweep", nargs="*", type=float, default=[1.0, 2.0, 4.0])
     p.add_argument("--student", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument(
+        "--grids", type=Path, default=None, help="save each row's first 48 scenes here (PNG)"
+    )
     p.add_argument(
         "--out", type=Path, default=ROOT / "evaluation/results/digits_compose/compose.json"
     )
@@ -47,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "commit": git_commit(), "teachers": {}, "students": []}
     results["command"] = "python evaluation/bench_compose.py " + " ".join(argv or sys.argv[1:])
 
-    def score(pipe, steps: int, guidance: float) -> dict:
+    def score(pipe, steps: int, guidance: float, name: str) -> dict:
         start = time.perf_counter()
+        grid = args.grids / f"{name}_{steps}step_g{guidance:g}.png" if args.grids else None
         s = evaluate_compose_pipeline(pipe, steps=steps, guidance=guidance, judge=judge,
-                                      split=split, scenes=args.scenes)  # fmt: skip
+                                      split=split, scenes=args.scenes, grid=grid)  # fmt: skip
         row = {k: s[k] for k in KEYS} | {"steps": steps, "guidance": guidance}
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["protocol"] = s["protocol"] | {"steps": None, "guidance": None}
@@ -63,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         path = compose_teacher_dir(family)
         report = json.loads((path / "distillkit_teacher.json").read_text())
         pipe = load_pipeline(path)
-        rows = [score(pipe, steps, guidance) for steps in (1, 2, 4, 25)]
-        rows += [score(pipe, 25, g) for g in args.sweep if g != guidance]
+        name = f"{family}_teacher"
+        rows = [score(pipe, steps, guidance, name) for steps in (1, 2, 4, 25)]
+        rows += [score(pipe, 25, g, name) for g in args.sweep if g != guidance]
         results["teachers"][family] = {"train_seconds": report["train_seconds"], "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     for item in args.student:
         name, _, path = item.partition("=")
         call = export_call_defaults(path)
-        row = score(load_pipeline(path), int(call.get("num_inference_steps", 1)), 0.0)
+        row = score(load_pipeline(path), int(call.get("num_inference_steps", 1)), 0.0, name)
         results["students"].append({"name": name, "pipeline": path, **row})
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -1,11 +1,12 @@
 """`python evaluation/compose_curve.py`: a compositional digits teacher's learning curve.
 
-Why: the first sd15 compose teacher (3000 denoiser steps) reads colour (0.92 on single scenes)
-but hardly the digit (0.18 on single scenes), although its frozen text encoder moves as far for
-a changed digit word as for a changed colour word. This trains the same teacher (the shipped
-spec, with an optional curriculum: single-digit scenes only for the first ``--single-steps``)
-and scores the EMA weights every ``--eval-every`` steps with the slot judge, per layout, so the
-next teacher spec can be chosen from a curve instead of one end point. Nothing is cached.
+Why: the first sd15 compose teacher (3000 denoiser steps) read colour (0.92 on single scenes)
+but hardly the digit (0.18). This trains a compose teacher through the same code as the cached
+one (train_compose_teacher: the shipped spec, or an experiment's changes to it) and scores the
+EMA weights every ``--eval-every`` steps with the slot judge, per layout, so a teacher spec is
+chosen from a curve instead of one end point. ``--teacher`` trains the shipped spec into the
+cache that ``digits-compose:<family>`` loads (its curve comes free); otherwise nothing is kept
+unless ``--save`` says where.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import ast
 import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -22,19 +24,19 @@ from pathlib import Path
 import torch
 
 from distillkit.benchmark.compose_teachers import (
+    COMPOSE_VERSION,
+    ComposeSpec,
+    compose_teacher_dir,
     get_compose_spec,
-    pretrain_scene_text,
-    scene_sampler,
+    train_compose_teacher,
 )
 from distillkit.benchmark.provenance import git_commit, machine
-from distillkit.benchmark.teachers import build_untrained, denoise_loop, train_vae
+from distillkit.benchmark.teachers import REPORT_FILE
 from distillkit.data.compose import COLOURS, SCENE_SIZE, TEMPLATES, Scene, build_scenes
-from distillkit.data.digits import DIGIT_NAMES, load_digits_split
+from distillkit.data.digits import DIGIT_NAMES
 from distillkit.evaluation.compose_judge import read_scenes
 from distillkit.evaluation.digits_eval import load_judge
 from distillkit.evaluation.generate import generate_images
-from distillkit.registry import get_family
-from distillkit.teachers.load import checked_text_length
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = ("digit", "colour", "binding", "count", "all_correct")
@@ -43,8 +45,11 @@ ATTRIBUTES = ("digit", "colour", "binding", "count", "all_correct")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="sd15")
-    p.add_argument("--steps", type=int, default=1500, help="denoiser steps in all")
-    p.add_argument("--single-steps", type=int, default=0, help="curriculum: singles first")
+    p.add_argument("--teacher", action="store_true", help="train the cached teacher")
+    p.add_argument("--steps", type=int, default=None, help="denoiser steps in all")
+    p.add_argument(
+        "--single-steps", type=int, default=None, help="curriculum: singles to this step"
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument(
         "--train-text", action="store_true", help="text encoders learn with the denoiser"
@@ -64,8 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--white-steps",
         type=int,
-        default=0,
-        help="experiment: white ink for the first N steps (VAE and text see white too)",
+        default=None,
+        help="curriculum: white-ink singles for the first N steps (VAE and text see white too)",
+    )
+    p.add_argument(
+        "--white-mixed-steps",
+        type=int,
+        default=None,
+        help="curriculum: white-ink scenes of every layout to step N, before the coloured ones",
     )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument(
@@ -77,13 +88,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--save", type=Path, default=None, help="save the final pipeline here")
     args = p.parse_args(argv)
+    spec = experiment_spec(args)
     white = "_white" if args.white else ""
-    white += f"_whitefirst{args.white_steps}" if args.white_steps else ""
+    white += f"_whitefirst{spec.white_steps}" if spec.white_steps else ""
+    white += f"_whitemixed{spec.white_mixed_steps}" if spec.white_mixed_steps else ""
     joint = ("_jointtext" if args.train_text else "") + ("_digitfirst" if args.digit_first else "")
     arch = "".join(f"_{a.replace('=', '')}" for a in args.arch)
-    name = f"curve_{args.family}_s{args.steps}_single{args.single_steps}{white}{joint}{arch}.json"
+    steps = f"s{spec.base.steps}_single{spec.single_steps}"
+    name = f"curve_{args.family}_v{COMPOSE_VERSION}_{steps}{white}{joint}{arch}.json"
     args.out = args.out or ROOT / "evaluation" / "results" / "digits_compose" / name
     return args
+
+
+def experiment_spec(args: argparse.Namespace) -> ComposeSpec:
+    """The shipped spec with this run's changes; ``--teacher`` refuses any (the cache key is
+    the shipped spec's)."""
+    spec = get_compose_spec(args.family)
+    changes = {
+        "steps": args.steps,
+        "single_steps": args.single_steps,
+        "white_steps": args.white_steps,
+        "white_mixed_steps": args.white_mixed_steps,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    experiment = changes or args.arch or args.white or args.digit_first or args.train_text
+    if args.teacher and experiment:
+        raise SystemExit("--teacher trains the shipped spec: drop the experiment flags")
+    arch = replace(spec.base.arch, **dict(_field(a) for a in args.arch))
+    base = replace(spec.base, arch=arch, steps=changes.pop("steps", spec.base.steps))
+    return replace(spec, base=base, **changes)
 
 
 def _field(text: str) -> tuple[str, object]:
@@ -115,39 +148,27 @@ def main(argv: list[str] | None = None) -> int:
         COLOURS["white"] = (1.0, 1.0, 1.0)
     if args.digit_first:  # every prompt the loop trains on and the evaluation asks for
         Scene.prompt = _digit_first_prompt
-    spec = get_compose_spec(args.family)
-    arch = replace(spec.base.arch, **dict(_field(a) for a in args.arch))
-    base = replace(spec.base, arch=arch, steps=args.steps)
+    spec = experiment_spec(args)
     judge, judge_split = load_judge()
-    split = load_digits_split()
     _, eval_scenes = build_scenes(judge_split, args.scenes, seed=2026, heldout=True)
     began = time.perf_counter()
     result: dict = {
         "machine": machine(),
         "commit": git_commit(),
         "command": "python evaluation/compose_curve.py " + " ".join(argv or sys.argv[1:]),
-        "spec": repr(replace(spec, base=base)),
-        "single_steps": args.single_steps,
+        "compose_version": COMPOSE_VERSION,
+        "spec": repr(spec),
+        "single_steps": spec.single_steps,
+        "white_steps": spec.white_steps,
+        "white_mixed_steps": spec.white_mixed_steps,
         "train_text": args.train_text,
         "digit_first": args.digit_first,
-        "white_steps": args.white_steps,
         "palette": dict(COLOURS),
         "evaluation": {"scenes": args.scenes, "steps": 25, "guidance": args.guidance},
         "curve": [],
     }
-    palette = result["palette"]
-    if args.white_steps:  # white joins the palette for the VAE and the text pretraining
-        COLOURS["white"] = (1.0, 1.0, 1.0)
-    torch.manual_seed(base.seed)
-    gen = torch.Generator().manual_seed(base.seed)
-    pipe = build_untrained(base, resolution=SCENE_SIZE)
-    vae_images, _ = build_scenes(split, spec.vae_scenes, seed=base.seed, heldout=False)
-    train_vae(pipe.vae, vae_images, base, gen)
-    adapter = get_family(args.family)(pipe, SCENE_SIZE, torch.device("cpu"))
-    adapter.max_sequence_length = checked_text_length(pipe, base.max_sequence_length)
-    result |= pretrain_scene_text(adapter, replace(spec, base=base))
 
-    def evaluate(step: int) -> None:
+    def evaluate(pipe, step: int) -> None:
         prompts = [s.prompt() for s in eval_scenes]
         images = generate_images(
             pipe,
@@ -164,24 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         result["curve"].append(point)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    sampler = scene_sampler(adapter, split, base.seed, single_steps=args.single_steps)
-    calls = iter(range(1 << 62))
-
-    def draw(n: int):
-        """White ink only for the first ``--white-steps`` calls, then the palette alone (the
-        slot judge keeps the palette it was imported with, so it always reads these colours)."""
-        call = next(calls)
-        if args.white_steps and call in (0, args.white_steps):
-            COLOURS.clear()
-            COLOURS.update({"white": (1.0, 1.0, 1.0)} if call == 0 else palette)
-        return sampler(n)
-
-    result |= denoise_loop(
-        adapter, base, gen, draw, evaluate, args.eval_every, train_text=args.train_text
-    )
+    hook = dict(on_eval=evaluate, eval_every=args.eval_every)
+    if args.teacher:  # the shipped spec, trained into the cache the benchmark loads
+        out = compose_teacher_dir(args.family, **hook)
+        result["teacher"] = str(out)
+        result |= json.loads((out / REPORT_FILE).read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            save = args.save or Path(tmp)
+            result |= train_compose_teacher(
+                args.family, save, spec=spec, train_text=args.train_text, **hook
+            )
     result["train_seconds"] = round(time.perf_counter() - began, 1)
-    if args.save is not None:
-        pipe.save_pretrained(args.save, safe_serialization=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

@@ -17,6 +17,12 @@ of those losses: centred, the six of them let the part every prompt shares grow 
 digit word moved the token states 3 % of their scale, less than before pretraining
 (digits_compose/text_token_spread.json). With v3, white-ink single scenes read the digit 0.98
 after 1,000 denoiser steps; coloured ones learn it about three times slower (README).
+
+Spec v4 adds the curriculum those curves chose: the denoiser sees single scenes in white ink
+first (``white_steps``; white joins the VAE's scenes and the text pretraining), then coloured
+singles (to ``single_steps``), then every layout. A digit's shape is learned once before four
+inks split it: 500 + 500 such steps read a coloured single digit 0.60, where 1,000 coloured
+ones read 0.20 (digits_compose/curve_sd15_v3_*.json).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from distillkit.benchmark.teachers import (
@@ -51,6 +59,7 @@ from distillkit.data.compose import (
     SCENE_SIZE,
     SCENE_WORDS,
     TEMPLATES,
+    WARMUP_INK,
     Scene,
     build_scenes,
     draw_scenes,
@@ -64,7 +73,7 @@ from distillkit.teachers.base import TeacherAdapter
 from distillkit.teachers.load import cache_root, checked_text_length
 from distillkit.teachers.tiny import TinySpec
 
-COMPOSE_VERSION = 3  # bump when this file changes what a spec produces
+COMPOSE_VERSION = 4  # bump when this file changes what a spec produces
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,12 @@ class ComposeSpec:
     base: TeacherSpec
     vae_scenes: int = 2048  # fixed rendered set the VAE trains on
     text_scenes: int = 32  # scenes per contrastive step (two paraphrases each)
+    # curriculum, in denoiser steps: white-ink singles to ``white_steps``, white-ink scenes of
+    # every layout to ``white_mixed_steps``, coloured singles to ``single_steps``, then every
+    # layout in colour (all 0: every layout in colour from the start)
+    white_steps: int = 0
+    single_steps: int = 0
+    white_mixed_steps: int = field(default=0, repr=False)  # keyed only where set (v4's keys)
 
     @property
     def family(self) -> str:
@@ -82,12 +97,22 @@ class ComposeSpec:
     def quick(self) -> ComposeSpec:
         """Seconds of training at 64 px: enough for tests to see the losses go down."""
         base = replace(self.base.quick(), vae_batch=8, batch_size=8)
-        return replace(self, base=base, vae_scenes=64)
+        white, single = min(self.white_steps, 10), min(self.single_steps, 20)
+        mixed = min(self.white_mixed_steps, 15)
+        return replace(self, base=base, vae_scenes=64, white_steps=white, single_steps=single,
+                       white_mixed_steps=mixed)  # fmt: skip
+
+    def inks(self) -> tuple[str, ...]:
+        """The colours the VAE's scenes and the text pretraining draw from."""
+        white = self.white_steps or self.white_mixed_steps
+        return (*COLOURS, WARMUP_INK) if white else tuple(COLOURS)
 
     def key(self) -> str:
         import hashlib
 
         text = f"compose-v{COMPOSE_VERSION}-{self!r}-words={self.base.arch.words}"
+        if self.white_mixed_steps:
+            text += f"-white_mixed_steps={self.white_mixed_steps}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -95,10 +120,12 @@ def _arch(family: str) -> TinySpec:
     return TinySpec(family, **DIGITS_UNET, words=SCENE_WORDS)
 
 
-COMPOSE_SPECS: dict[str, ComposeSpec] = {
-    "sd15": ComposeSpec(TeacherSpec(_arch("sd15"), steps=3000, text_steps=80)),
-    "sdxl": ComposeSpec(TeacherSpec(_arch("sdxl"), steps=3000, text_steps=80)),
-}
+def _spec(family: str) -> ComposeSpec:
+    base = TeacherSpec(_arch(family), steps=4000, text_steps=80)
+    return ComposeSpec(base, white_steps=500, single_steps=1500)
+
+
+COMPOSE_SPECS: dict[str, ComposeSpec] = {"sd15": _spec("sd15"), "sdxl": _spec("sdxl")}
 
 
 def get_compose_spec(family: str, quick: bool = False) -> ComposeSpec:
@@ -141,7 +168,7 @@ def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec, centre: bool
         m.requires_grad_(True).train()
     losses = []
     for step in range(base.text_steps):
-        scenes = draw_scenes(spec.text_scenes, seed=base.seed * 1000 + step)
+        scenes = draw_scenes(spec.text_scenes, seed=base.seed * 1000 + step, inks=spec.inks())
         per_scene = [len(TEMPLATES[s.layout]) for s in scenes]
         prompts = [
             replace(s, template=j).prompt() for s, n in zip(scenes, per_scene) for j in range(n)
@@ -161,23 +188,41 @@ def pretrain_scene_text(adapter: TeacherAdapter, spec: ComposeSpec, centre: bool
     return {"text_loss_first": losses[0], "text_loss_final": losses[-1]} if losses else {}
 
 
-def train_compose_teacher(family: str, out_dir: Path, *, quick: bool = False) -> dict:
-    """Train the family's compositional teacher and save it as a diffusers pipeline."""
-    spec = get_compose_spec(family, quick)
+def train_compose_teacher(
+    family: str,
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    spec: ComposeSpec | None = None,
+    on_eval: Callable[[DiffusionPipeline, int], None] | None = None,
+    eval_every: int = 0,
+    train_text: bool = False,
+) -> dict:
+    """Train the family's compositional teacher and save it as a diffusers pipeline.
+    ``on_eval(pipe, step)`` sees the EMA weights every ``eval_every`` denoiser steps without
+    changing what is trained (a learning curve: evaluation/compose_curve.py, which also passes
+    an experiment's ``spec`` and ``train_text``; see :func:`denoise_loop`)."""
+    spec = spec or get_compose_spec(family, quick)
     base, start = spec.base, time.perf_counter()
     split = load_digits_split()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base.seed)
         gen = torch.Generator().manual_seed(base.seed)
         pipe = build_untrained(base, resolution=SCENE_SIZE)
-        vae_images, _ = build_scenes(split, spec.vae_scenes, seed=base.seed, heldout=False)
+        vae_images, _ = build_scenes(
+            split, spec.vae_scenes, seed=base.seed, heldout=False, inks=spec.inks()
+        )
         heldout, _ = build_scenes(split, 256, seed=base.seed + 1, heldout=True)
         report = train_vae(pipe.vae, vae_images, base, gen)
         report["vae_recon_mse"] = vae_recon_error(pipe.vae, heldout)
         adapter = get_family(family)(pipe, SCENE_SIZE, torch.device("cpu"))
         adapter.max_sequence_length = checked_text_length(pipe, base.max_sequence_length)
         report |= pretrain_scene_text(adapter, spec)
-        report |= denoise_loop(adapter, base, gen, scene_sampler(adapter, split, base.seed))
+        draw = scene_sampler(
+            adapter, split, base.seed, spec.single_steps, spec.white_steps, spec.white_mixed_steps
+        )
+        hook = (lambda step: on_eval(pipe, step)) if on_eval else None
+        report |= denoise_loop(adapter, base, gen, draw, hook, eval_every, train_text)
     report |= {"family": family, "spec_key": spec.key(), "quick": quick}
     report |= {"train_seconds": round(time.perf_counter() - start, 1)}
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -187,22 +232,37 @@ def train_compose_teacher(family: str, out_dir: Path, *, quick: bool = False) ->
     return report
 
 
-def scene_sampler(adapter: TeacherAdapter, split, seed: int, single_steps: int = 0):
-    """``draw(n)``: n fresh training scenes (training scans only), as latents and prompts;
-    a curriculum for experiments: single-digit scenes only for the first ``single_steps``
-    calls (one call per denoiser step; 0, the teachers' setting, draws nothing extra)."""
+def scene_sampler(
+    adapter: TeacherAdapter,
+    split,
+    seed: int,
+    single_steps: int = 0,
+    white_steps: int = 0,
+    white_mixed_steps: int = 0,
+):
+    """``draw(n)``: n fresh training scenes (training scans only), as latents and prompts,
+    one call per denoiser step; the spec's curriculum: single-digit scenes in ``WARMUP_INK``
+    for the first ``white_steps`` calls, every layout in ``WARMUP_INK`` to
+    ``white_mixed_steps``, single-digit scenes in the four colours to ``single_steps``, then
+    every layout in colour."""
     by_digit = {d: (split.train_labels == d).nonzero().flatten().tolist() for d in range(10)}
     rng = random.Random(seed + 7)
     counter = iter(range(1 << 62))
 
-    def singles(n: int) -> list[Scene]:
-        colours = list(COLOURS)
+    def singles(n: int, colours: list[str]) -> list[Scene]:
         pick = lambda: ((rng.randrange(10), rng.choice(colours)),)  # noqa: E731
         return [Scene("single", pick(), rng.randrange(2)) for _ in range(n)]
 
     def draw(n: int) -> tuple[Tensor, list[str]]:
         call = next(counter)
-        scenes = singles(n) if call < single_steps else draw_scenes(n, seed=seed * 7919 + call)
+        if call < white_steps:
+            scenes = singles(n, [WARMUP_INK])
+        elif call < white_mixed_steps:
+            scenes = draw_scenes(n, seed=seed * 7919 + call, inks=[WARMUP_INK])
+        elif call < single_steps:
+            scenes = singles(n, list(COLOURS))
+        else:
+            scenes = draw_scenes(n, seed=seed * 7919 + call)
         images = torch.stack(
             [
                 render(s, [split.train_images[rng.choice(by_digit[d])] for d, _ in s.slots])
@@ -217,15 +277,16 @@ def scene_sampler(adapter: TeacherAdapter, split, seed: int, single_steps: int =
 
 
 @register_source("digits-compose:")
-def compose_teacher_dir(family: str, *, quick: bool = False) -> Path:
-    """The cached compositional teacher; trained on first use (temp dir, then renamed)."""
+def compose_teacher_dir(family: str, *, quick: bool = False, **curve) -> Path:
+    """The cached compositional teacher; trained on first use (temp dir, then renamed).
+    ``curve``: :func:`train_compose_teacher`'s ``on_eval`` and ``eval_every``."""
     out = cache_root() / "digits-compose" / f"{family}-{get_compose_spec(family, quick).key()}"
     if (out / "model_index.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    train_compose_teacher(family, tmp, quick=quick)
+    train_compose_teacher(family, tmp, quick=quick, **curve)
     try:
         tmp.rename(out)
     except OSError:

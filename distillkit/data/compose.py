@@ -15,6 +15,7 @@ split's scans, held-out scenes the held-out scans; scene attributes are drawn fr
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "blue": (0.25, 0.45, 1.0),
     "yellow": (1.0, 1.0, 0.15),
 }
+# the teachers' curriculum ink (spec v4): white first, so the denoiser learns each digit's shape
+# once before the colours split it four ways; no prompt or judge reading asks for it afterwards
+WARMUP_INK = "white"
+INKS: dict[str, tuple[float, float, float]] = {**COLOURS, WARMUP_INK: (1.0, 1.0, 1.0)}
 LAYOUTS = ("single", "left", "above")
 # top-left corner of each slot's 32x32 box, by layout
 SLOTS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -38,7 +43,7 @@ SLOTS: dict[str, tuple[tuple[int, int], ...]] = {
 # whole-word tokens a tiny teacher's tokenizers add for these prompts (real tokenizers have them;
 # spelled out letter by letter, "red" is three tokens, "left" four, "yellow" six, which a 2-layer
 # encoder must assemble before the denoiser can read them)
-SCENE_WORDS = (*COLOURS, "white", "to", "left", "right", "above", "below")
+SCENE_WORDS = (*COLOURS, WARMUP_INK, "to", "left", "right", "above", "below")
 # {a}: the first slot in reading order (left, top), {b}: the second; e.g. "red three"
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "single": ("a {a}", "a {a}, handwritten"),
@@ -62,11 +67,12 @@ class Scene:
         return templates[self.template % len(templates)].format(a=names[0], b=names[-1])
 
 
-def draw_scenes(count: int, seed: int) -> list[Scene]:
-    """``count`` scenes, layouts cycling (a balanced prefix), attributes from ``seed``; the two
-    digits of a pair differ, so the reading order is always decidable."""
+def draw_scenes(count: int, seed: int, inks: Sequence[str] | None = None) -> list[Scene]:
+    """``count`` scenes, layouts cycling (a balanced prefix), attributes from ``seed``, colours
+    from ``inks`` (default: the four ``COLOURS``); the two digits of a pair differ, so the
+    reading order is always decidable."""
     rng = random.Random(seed)
-    colours = list(COLOURS)
+    colours = list(inks or COLOURS)
     scenes = []
     for i in range(count):
         layout = LAYOUTS[i % len(LAYOUTS)]
@@ -80,7 +86,7 @@ def draw_scenes(count: int, seed: int) -> list[Scene]:
 def glyph(scan: torch.Tensor, colour: str) -> torch.Tensor:
     """One (3, 32, 32) plain-benchmark digit in [-1, 1] -> its ink in ``colour``, in [0, 1]."""
     ink = ((scan.float().mean(0) + 1.0) / 2.0).clamp(0.0, 1.0)
-    return ink[None] * torch.tensor(COLOURS[colour]).view(3, 1, 1)
+    return ink[None] * torch.tensor(INKS[colour]).view(3, 1, 1)
 
 
 def render(scene: Scene, scans: list[torch.Tensor]) -> torch.Tensor:
@@ -93,14 +99,14 @@ def render(scene: Scene, scans: list[torch.Tensor]) -> torch.Tensor:
 
 
 def build_scenes(
-    split: DigitsSplit, count: int, seed: int, heldout: bool
+    split: DigitsSplit, count: int, seed: int, heldout: bool, inks: Sequence[str] | None = None
 ) -> tuple[torch.Tensor, list[Scene]]:
     """``count`` rendered scenes from the training (or held-out) scans: images and specs."""
     images = split.heldout_images if heldout else split.train_images
     labels = split.heldout_labels if heldout else split.train_labels
     by_digit = {d: (labels == d).nonzero().flatten().tolist() for d in range(len(DIGIT_NAMES))}
     rng = random.Random(seed + 1)
-    scenes = draw_scenes(count, seed)
+    scenes = draw_scenes(count, seed, inks)
     out = torch.empty(count, 3, SCENE_SIZE, SCENE_SIZE)
     for i, scene in enumerate(scenes):
         scans = [images[rng.choice(by_digit[d])] for d, _ in scene.slots]

@@ -154,14 +154,19 @@ def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
+COMPOSE_SOURCE = "digits-compose"
+COMPOSE_TRAIN_SCENES = 4096  # a fixed set, like the plain digits' training split
+
+
 def digits_source(cfg: DataConfig) -> str | None:
-    """``digits`` (or ``digits:<style>``, the restyled digits of the teacher-LoRA benchmark) in
-    data.prompts or data.images, or None. An unknown style names the field."""
+    """``digits`` (or ``digits:<style>``, the restyled digits of the teacher-LoRA benchmark, or
+    ``digits-compose``, the compositional scenes) in data.prompts or data.images, or None. An
+    unknown style names the field."""
     from distillkit.data.digits import STYLES
 
     for name in ("images", "prompts"):
         value = getattr(cfg, name)
-        if value == "digits" or (value or "").startswith("digits:"):
+        if value in ("digits", COMPOSE_SOURCE) or (value or "").startswith("digits:"):
             style = value.partition(":")[2]
             if style and style not in STYLES:
                 raise ConfigError(f"data.{name}={value}: the digits styles are {', '.join(STYLES)}")
@@ -171,10 +176,13 @@ def digits_source(cfg: DataConfig) -> str | None:
 
 def digits_data(resolution: int, seed: int = 0, source: str = "digits") -> TrainData:
     """The training split of sklearn's digits, with a prompt template per image; restyled for
-    ``digits:<style>``."""
+    ``digits:<style>``; for ``digits-compose``, a fixed set of scenes from the training scans
+    (the compose teachers' held-out scans and scenes stay out)."""
     from distillkit.data.digits import PROMPT_TEMPLATES, load_digits_split, prompt_for, restyle
 
     split = load_digits_split(seed=seed)
+    if source == COMPOSE_SOURCE:
+        return _compose_data(split, resolution, seed)
     images = split.train_images
     if source.partition(":")[2]:
         images = restyle(images, source.partition(":")[2])
@@ -184,6 +192,16 @@ def digits_data(resolution: int, seed: int = 0, source: str = "digits") -> Train
         prompt_for(int(label), i % len(PROMPT_TEMPLATES))
         for i, label in enumerate(split.train_labels)
     ]
+    return TrainData(prompts=captions, images=images, captions=captions)
+
+
+def _compose_data(split, resolution: int, seed: int) -> TrainData:
+    from distillkit.data.compose import build_scenes
+
+    images, scenes = build_scenes(split, COMPOSE_TRAIN_SCENES, seed=seed + 100, heldout=False)
+    if images.shape[-1] != resolution:
+        images = F.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
+    captions = [scene.prompt() for scene in scenes]
     return TrainData(prompts=captions, images=images, captions=captions)
 
 

@@ -101,3 +101,24 @@ def test_wrong_answers_are_read_as_wrong(judge: DigitJudge, heldout) -> None:
     ]
     rows = read_scenes(images[pairs], singles_drawn_as_pairs, judge)
     assert not any(r["count"] for r in rows)  # the second digit is ink outside the prompted slot
+
+
+def test_compose_training_data_is_training_scans_with_their_prompts(judge: DigitJudge) -> None:
+    """``data.prompts: digits-compose`` (the compose students' data): a fixed set of scenes
+    from the training scans, each image read correct against its own prompt by the slot judge
+    and not against a neighbour's; ``data.images: digits-compose`` loads the same set."""
+    from distillkit.config import DataConfig
+    from distillkit.data.compose import SCENE_SIZE
+    from distillkit.data.sources import COMPOSE_TRAIN_SCENES, load_train_data
+
+    data = load_train_data(DataConfig(prompts="digits-compose"), SCENE_SIZE, False, False)
+    assert len(data.prompts) == COMPOSE_TRAIN_SCENES and data.captions == data.prompts
+    assert data.images.shape == (COMPOSE_TRAIN_SCENES, 3, SCENE_SIZE, SCENE_SIZE)
+    again = load_train_data(DataConfig(images="digits-compose"), SCENE_SIZE, False, True)
+    assert again.prompts == data.prompts and torch.equal(again.images, data.images)
+    scenes = draw_scenes(COMPOSE_TRAIN_SCENES, seed=100)[:60]
+    assert [s.prompt() for s in scenes] == data.prompts[:60]
+    rows = read_scenes(data.images[:60], scenes, judge)
+    assert sum(r["all_correct"] for r in rows) / 60 >= 0.9
+    shifted = read_scenes(data.images[:60], scenes[1:] + scenes[:1], judge)
+    assert sum(r["all_correct"] for r in shifted) / 60 <= 0.2

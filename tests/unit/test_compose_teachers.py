@@ -159,24 +159,56 @@ def test_denoise_loop_train_text_trains_the_encoders_and_leaves_no_stale_embeddi
     assert torch.equal(cached["encoder_hidden_states"], fresh["encoder_hidden_states"])
 
 
-def test_scene_sampler_curriculum_draws_singles_first() -> None:
-    """scene_sampler(single_steps=2) (evaluation/compose_curve.py's curriculum): the first two
-    draws are single-digit scenes whose prompts name one digit; later draws cycle all layouts."""
+def test_scene_sampler_curriculum_stages_in_order() -> None:
+    """The spec's curriculum (white_steps=2, white_mixed_steps=3, single_steps=5): two draws
+    of single scenes in white ink (every channel equal), one of every layout in white, two of
+    single scenes in the four colours, then every layout in colour; prompts name what was
+    drawn."""
+    from distillkit.data.compose import COLOURS, INKS, WARMUP_INK
     from distillkit.data.digits import DIGIT_NAMES, load_digits_split
 
     class Passthrough:  # latents = the rendered images, to read what was drawn
         def encode_images(self, images):
             return images
 
-    draw = C.scene_sampler(Passthrough(), load_digits_split(), seed=0, single_steps=2)
-    for _ in range(2):
+    split = load_digits_split()
+    draw = C.scene_sampler(
+        Passthrough(), split, 0, single_steps=5, white_steps=2, white_mixed_steps=3
+    )
+    for call in range(6):
         images, prompts = draw(6)
         assert images.shape == (6, 3, 64, 64)
-        assert all(len([w for w in p.split() if w.strip(",") in DIGIT_NAMES]) == 1 for p in prompts)
-        assert float(images[:, :, :, :16].max()) == -1.0  # centred: the left margin stays black
-    _, prompts = draw(6)
+        digits = [len([w for w in p.split() if w.strip(",") in DIGIT_NAMES]) for p in prompts]
+        grey = torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+        inks = {w for p in prompts for w in p.replace(",", "").split() if w in INKS}
+        single = call in (0, 1, 3, 4)
+        assert (set(digits) == {1}) == single, (call, prompts)
+        if single:  # centred: the left margin stays black
+            assert float(images[:, :, :, :16].max()) == -1.0
+        if call < 3:
+            assert grey and inks == {WARMUP_INK}, (call, prompts)
+        else:
+            assert not grey and inks and inks <= set(COLOURS), (call, prompts)
     assert any("left" in p or "right" in p for p in prompts)
     assert any("above" in p or "below" in p for p in prompts)
+
+
+def test_compose_spec_curriculum_reaches_the_vae_and_text_inks() -> None:
+    """The shipped spec runs the white-first curriculum, so white joins the inks the VAE's
+    scenes and the text pretraining draw from; without it they are the four colours; the quick
+    spec keeps a (shorter) curriculum, so tests run that path."""
+    from distillkit.data.compose import COLOURS, WARMUP_INK
+
+    spec = C.get_compose_spec("sd15")
+    assert 0 < spec.white_steps < spec.single_steps < spec.base.steps
+    assert spec.inks() == (*COLOURS, WARMUP_INK)
+    assert C.replace(spec, white_steps=0, white_mixed_steps=0).inks() == tuple(COLOURS)
+    quick = C.get_compose_spec("sd15", quick=True)
+    assert 0 < quick.white_steps < quick.single_steps < quick.base.steps
+    assert C.replace(spec, white_steps=0, white_mixed_steps=10).inks() == (*COLOURS, WARMUP_INK)
+    # white_mixed_steps keys the cache only where set, so the v4 teachers keep their entries
+    assert C.replace(spec, white_mixed_steps=0).key() != C.replace(spec, white_mixed_steps=9).key()
+    assert "white_mixed_steps" not in repr(C.replace(spec, white_mixed_steps=0))
 
 
 def test_attribute_labels_group_equal_values() -> None:
@@ -215,3 +247,23 @@ def test_compose_tokenizers_keep_scene_words_whole() -> None:
     assert "words" not in repr(spec.base.arch)  # the plain teachers' cache keys stay
     no_words = C.replace(spec, base=C.replace(spec.base, arch=C.replace(spec.base.arch, words=())))
     assert no_words.key() != spec.key()
+
+
+def test_scene_text_pretraining_is_uncentred_by_default(monkeypatch) -> None:
+    """Spec v3 on: the per-attribute losses see the raw pooled features (``centre=False``;
+    centred, the shared part of the token states grew until a swapped digit word hardly moved
+    them: digits_compose/text_token_spread.json)."""
+    seen: list[bool] = []
+    real = C.supervised_contrastive
+
+    def spy(features, labels, centre=True, **kwargs):
+        seen.append(centre)
+        return real(features, labels, centre=centre, **kwargs)
+
+    monkeypatch.setattr(C, "supervised_contrastive", spy)
+    spec = C.get_compose_spec("sd15", quick=True)
+    adapter = C.get_family("sd15")(
+        C.build_untrained(spec.base, resolution=64), 64, torch.device("cpu")
+    )
+    C.pretrain_scene_text(adapter, spec)
+    assert seen and not any(seen)
